@@ -1,0 +1,17 @@
+"""BEATs audio embeddings: exact numerics, batch-invariant padding, safe loading."""
+
+from .config import BEATsConfig
+from .fbank import fbank
+from .model import BEATs, BEATsOutput, patch_padding_mask
+from .modules import GradMultiply, quant_noise
+
+__all__ = [
+    "BEATs",
+    "BEATsConfig",
+    "BEATsOutput",
+    "GradMultiply",
+    "fbank",
+    "patch_padding_mask",
+    "quant_noise",
+]
+__version__ = "0.1.0"

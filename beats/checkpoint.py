@@ -1,0 +1,96 @@
+"""Reading Microsoft ``.pt`` checkpoints safely and mapping their keys onto `BEATs`."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Newer PyTorch writes weight norm as a parametrization; Microsoft's files use _g/_v.
+_WEIGHT_NORM_KEYS = {
+    "parametrizations.weight.original0": "weight_g",
+    "parametrizations.weight.original1": "weight_v",
+}
+
+
+def load_pt(path: str | Path) -> dict[str, Any]:
+    """Load a Microsoft-format ``.pt`` file with ``weights_only=True``; never runs code.
+
+    Returns the dict with ``cfg``, ``model`` and, for fine-tuned models, ``label_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} is not a plain-tensor checkpoint: loading it would need to run code "
+            f"from the file, which beats never does (weights_only=True refused: {e}). "
+            "If you trust the file, convert it once in a separate step with `beats convert`."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{path} is not a BEATs checkpoint: expected a dict with 'cfg' and 'model', "
+            f"got {keys}"
+        )
+    return ckpt
+
+
+_SHARED_BIAS = re.compile(r"^(.*encoder\.layers\.)(\d+)(\.self_attn\.relative_attention_bias\.weight)$")
+
+
+def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a Microsoft state dict onto `BEATs`' keys.
+
+    Renames parametrized weight-norm keys to ``weight_g``/``weight_v``, and keeps one copy
+    of the relative position table: the original shares layer 0's table by assigning the
+    same module into every layer, so its files repeat it under each layer's name. The
+    copies must equal layer 0's; a file where they differ is refused.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _WEIGHT_NORM_KEYS.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        out[key] = value
+    for key in [k for k in out if _SHARED_BIAS.match(k)]:
+        prefix, layer, suffix = _SHARED_BIAS.match(key).groups()  # type: ignore[union-attr]
+        if layer == "0":
+            continue
+        first = out.get(prefix + "0" + suffix)
+        if first is None or not torch.equal(first, out[key]):
+            raise ValueError(
+                f"{key} differs from layer 0's table: BEATs shares one relative position "
+                "table across layers, so this checkpoint is not a BEATs encoder"
+            )
+        del out[key]
+    return out
+
+
+def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` listing missing and unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not match the model built from its config:"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes}")
+        raise ValueError("\n  ".join(parts))

@@ -1,0 +1,149 @@
+"""The BEATs Transformer encoder: positional convolution and layers (spec sections 4, 5, 7)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MultiheadAttention
+from .config import BEATsConfig
+from .modules import GLULinear, GradMultiply, SamePad, WeightNormConv1d, get_activation_fn
+
+
+class EncoderLayer(nn.Module):
+    """One Transformer layer, post-norm (optionally deep norm) or pre-norm. (B, S, C)."""
+
+    def __init__(self, cfg: BEATsConfig, has_relative_attention_bias: bool) -> None:
+        super().__init__()
+        dim, ffn = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim
+        self.layer_norm_first = cfg.layer_norm_first
+        self.alpha = math.pow(2.0 * cfg.encoder_layers, 0.25) if cfg.deep_norm else 1.0
+        self.self_attn = MultiheadAttention(
+            dim,
+            cfg.encoder_attention_heads,
+            dropout=cfg.attention_dropout,
+            has_relative_attention_bias=has_relative_attention_bias,
+            num_buckets=cfg.num_buckets,
+            max_distance=cfg.max_distance,
+            gru_rel_pos=cfg.gru_rel_pos,
+            quant_noise=cfg.quant_noise,
+            quant_noise_block_size=cfg.quant_noise_block_size,
+        )
+        self.dropout1 = nn.Dropout(cfg.dropout)
+        self.dropout2 = nn.Dropout(cfg.activation_dropout)
+        self.dropout3 = nn.Dropout(cfg.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1: nn.Module = GLULinear(dim, ffn) if cfg.activation_fn == "glu" else nn.Linear(dim, ffn)
+        self.activation = get_activation_fn(cfg.activation_fn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout3(self.fc2(self.dropout2(self.activation(self.fc1(x)))))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout1(
+                self.self_attn(self.self_attn_layer_norm(x), key_padding_mask, position_bias)
+            )
+            return x + self._feed_forward(self.final_layer_norm(x))
+        attn = self.self_attn(x, key_padding_mask, position_bias)
+        x = self.self_attn_layer_norm(x * self.alpha + self.dropout1(attn))
+        return self.final_layer_norm(x * self.alpha + self._feed_forward(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Positional convolution, L layers and (pre-norm only) a final LayerNorm. (B, S, C)."""
+
+    def __init__(self, cfg: BEATsConfig) -> None:
+        super().__init__()
+        dim = cfg.encoder_embed_dim
+        self.dropout = cfg.dropout
+        self.layer_norm_first = cfg.layer_norm_first
+        self.layerdrop = cfg.encoder_layerdrop
+        self.grad_decay = cfg.layer_wise_gradient_decay_ratio
+        self.relative_position_embedding = cfg.relative_position_embedding
+        self.pos_conv = nn.Sequential(
+            WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups),
+            SamePad(cfg.conv_pos),
+            nn.GELU(),
+        )
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg, has_relative_attention_bias=cfg.relative_position_embedding and i == 0)
+            for i in range(cfg.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        _init_weights(self, cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Run the encoder on patch embeddings.
+
+        Args:
+            x: (B, S, C) encoder input (after patch embedding and projection).
+            padding_mask: (B, S) bool, True at padded positions.
+            output_hidden_states: also return the L + 1 hidden states (or k + 1 with
+                ``output_layer=k``): state 0 after the positional convolution, state j the
+                output of layer j, all before the final pre-norm LayerNorm.
+            output_layer: stop after layer k (0..L) and return its output; layers above k
+                are not run, and the final pre-norm LayerNorm is not applied.
+
+        Returns:
+            ``(x, hidden_states)``: x (B, S, C); hidden_states a tuple, empty unless asked.
+        """
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = F.dropout(x, p=self.dropout, training=self.training)
+
+        stop = len(self.layers) if output_layer is None else output_layer
+        hidden: list[torch.Tensor] = [x] if output_hidden_states else []
+        position_bias = None
+        if self.relative_position_embedding and stop > 0:
+            position_bias = self.layers[0].self_attn.position_bias(x.shape[1], x.device)
+        for layer in self.layers[:stop]:
+            if self.grad_decay != 1.0 and torch.is_grad_enabled():
+                x = GradMultiply.apply(x, self.grad_decay)
+            skip = self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop
+            if not skip:
+                x = layer(x, padding_mask, position_bias)
+            if output_hidden_states:
+                hidden.append(x)
+        if self.layer_norm_first and output_layer is None:
+            x = self.layer_norm(x)
+        return x, tuple(hidden)
+
+
+def _init_weights(encoder: TransformerEncoder, cfg: BEATsConfig) -> None:
+    """The original's initialisation: BERT-style normal(0.02), then deep-norm gains."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if cfg.deep_norm:
+        beta = math.pow(8.0 * cfg.encoder_layers, -0.25)
+        for layer in encoder.layers:
+            attn = layer.self_attn
+            for lin, gain in ((layer.fc1, beta), (layer.fc2, beta), (attn.v_proj, beta),
+                              (attn.out_proj, beta), (attn.q_proj, 1.0), (attn.k_proj, 1.0)):
+                weight = lin.linear.weight if isinstance(lin, GLULinear) else lin.weight
+                nn.init.xavier_normal_(weight, gain=gain)

@@ -1,0 +1,223 @@
+"""`BEATs`: filterbank, patch embedding, encoder and (fine-tuned models) the class head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import BEATsConfig
+from .encoder import TransformerEncoder
+from .fbank import NUM_MEL_BINS, fbank
+from .inputs import ArrayLike, prepare_batch
+from .labels import display_names
+
+PATCHES_PER_STEP = NUM_MEL_BINS // 16  # 8 frequency patches per 160 ms time step
+
+
+def patch_padding_mask(lengths: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Exact patch-level padding mask (B, S), True at padding, from sample lengths (B,).
+
+    A clip of n samples has T = 1 + (n - 400) // 160 frames and T // 16 time steps, so its
+    first 8 * (T // 16) positions are valid (spec section 8).
+    """
+    frames = torch.div(lengths - 400, 160, rounding_mode="floor") + 1
+    valid = PATCHES_PER_STEP * torch.div(frames.clamp(min=0), 16, rounding_mode="floor")
+    return torch.arange(num_positions, device=lengths.device) >= valid.unsqueeze(1)
+
+
+@dataclass
+class BEATsOutput:
+    """What `BEATs.extract_features` returns.
+
+    Indexing and unpacking behave like the original's ``(x, padding_mask)`` tuple: item 0
+    is ``features`` for pre-trained models and ``probs`` for fine-tuned ones (as in the
+    original, whose fine-tuned models return probabilities there); item 1 is the mask.
+
+    Attributes:
+        features: (B, S, C) last encoder output (or layer ``output_layer``'s); zero at
+            padded positions. S = 8 * time steps, position s = 8 * t + f.
+        padding_mask: (B, S) bool, True at padded positions.
+        hidden_states: L + 1 tensors (B, S, C) when asked for, else None.
+        logits: (B, classes) fine-tuned models: the predictor averaged over valid positions.
+        probs: (B, classes) ``sigmoid(logits)``.
+    """
+
+    features: torch.Tensor
+    padding_mask: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    logits: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.probs if self.probs is not None else self.features
+        return first, self.padding_mask
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self.to_tuple()[index]
+
+    def __iter__(self):  # noqa: ANN204 - tuple-style unpacking
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return 2
+
+
+class BEATs(nn.Module):
+    """The BEATs audio encoder (Microsoft, arXiv 2212.09058), numerically exact.
+
+    Build one from a config (random weights, the original's initialisation) or load
+    released weights with `from_pretrained`. Use `extract_features` on 16 kHz audio.
+    """
+
+    def __init__(self, cfg: BEATsConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else BEATsConfig()
+        self.cfg = cfg
+        embed, dim = cfg.embed_dim, cfg.encoder_embed_dim
+        patch = cfg.input_patch_size
+        self.patch_embedding = nn.Conv2d(1, embed, kernel_size=patch, stride=patch,
+                                         bias=cfg.conv_bias)
+        self.layer_norm = nn.LayerNorm(embed)
+        self.post_extract_proj = nn.Linear(embed, dim) if embed != dim else None
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.encoder = TransformerEncoder(cfg)
+        if cfg.finetuned_model:
+            self.predictor_dropout = nn.Dropout(cfg.predictor_dropout)
+            self.predictor: nn.Linear | None = nn.Linear(dim, cfg.predictor_class)
+        else:
+            self.predictor = None
+        self.label_dict: dict[int, str] | None = None  # class index -> AudioSet MID
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Display names of the classes, in index order (fine-tuned models), else None."""
+        return None if self.label_dict is None else display_names(self.label_dict)
+
+    # ------------------------------------------------------------------ computation
+    def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """Filterbank (B, T, 128) -> encoder input (B, S, C), S = 8 * (T // 16)."""
+        x = self.patch_embedding(features.unsqueeze(1).to(self.dtype))  # (B, E, T//16, 8)
+        x = x.flatten(2).transpose(1, 2)
+        x = self.layer_norm(x)
+        if self.post_extract_proj is not None:
+            x = self.post_extract_proj(x)
+        return self.dropout_input(x)
+
+    def preprocess(
+        self,
+        wav: ArrayLike,
+        padding_mask: ArrayLike | None = None,
+        *,
+        lengths: ArrayLike | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked audio -> (normalised filterbank (B, T, 128) float32, lengths (B,))."""
+        wav_t, lengths_t = prepare_batch(wav, padding_mask, lengths, device=self.device)
+        features, _ = fbank(wav_t, lengths_t)
+        return features, lengths_t
+
+    def extract_features(
+        self,
+        wav: ArrayLike,
+        padding_mask: ArrayLike | None = None,
+        *,
+        lengths: ArrayLike | None = None,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+    ) -> BEATsOutput:
+        """Embed 16 kHz audio.
+
+        Args:
+            wav: (N,) or (B, N) samples in [-1, 1] (tensor or numpy; int16/int32 PCM is
+                rescaled), or a list of 1-D clips of any lengths.
+            padding_mask: (B, N) bool, True at padded samples. Or give ``lengths``.
+            lengths: (B,) valid samples per clip.
+            output_hidden_states: also return every layer's output.
+            output_layer: stop after layer k (0 = encoder input, L = last; negative counts
+                from the end) and return its output as ``features``; the layers above are
+                not run, and neither the pre-norm final LayerNorm nor the class head is.
+
+        Each clip's outputs are the same alone or in any padded batch (exact patch-level
+        masking; the original misaligns it). Runs under the caller's grad mode.
+        """
+        num_layers = self.cfg.encoder_layers
+        if output_layer is not None:
+            if not -num_layers - 1 <= output_layer <= num_layers:
+                raise ValueError(
+                    f"output_layer={output_layer} is out of range: this model has "
+                    f"{num_layers} layers (use 0..{num_layers}, or negative from the end)"
+                )
+            output_layer %= num_layers + 1
+        features, lengths_t = self.preprocess(wav, padding_mask, lengths=lengths)
+        x = self.embed_patches(features)
+        mask = patch_padding_mask(lengths_t, x.shape[1])
+        x, hidden = self.encoder(
+            x, mask, output_hidden_states=output_hidden_states, output_layer=output_layer
+        )
+        keep = (~mask).unsqueeze(-1)
+        x = x * keep
+        out = BEATsOutput(features=x, padding_mask=mask)
+        if output_hidden_states:
+            out.hidden_states = tuple(h * keep for h in hidden)
+        if self.predictor is not None and output_layer is None:
+            scores = self.predictor(self.predictor_dropout(x)) * keep
+            out.logits = scores.sum(dim=1) / keep.sum(dim=1).to(scores.dtype)
+            out.probs = torch.sigmoid(out.logits)
+        return out
+
+    forward = extract_features
+
+    # ------------------------------------------------------------------ training helpers
+    def freeze(self) -> BEATs:
+        """Freeze every parameter and switch to eval mode (frozen-backbone use)."""
+        self.requires_grad_(False)
+        return self.eval()
+
+    def unfreeze(self) -> BEATs:
+        """Make every parameter trainable again (mode is left to the caller)."""
+        self.requires_grad_(True)
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_microsoft_checkpoint(cls, ckpt: dict[str, Any], source: str = "checkpoint") -> BEATs:
+        """Build a model from a loaded Microsoft dict (``cfg``, ``model``, ``label_dict``)."""
+        cfg = BEATsConfig.from_dict(dict(ckpt["cfg"]))
+        model = cls(cfg)
+        state_dict = checkpoint.normalize_state_dict(ckpt["model"])
+        checkpoint.check_keys(model, state_dict, source)
+        model.load_state_dict(state_dict, strict=True)
+        label_dict = ckpt.get("label_dict")
+        if label_dict is not None:
+            model.label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> BEATs:
+        """Load a Microsoft ``.pt`` checkpoint (loaded with ``weights_only=True``).
+
+        The model is returned in eval mode, on ``device`` and in ``dtype`` when given.
+        """
+        path = Path(name_or_path)
+        model = cls.from_microsoft_checkpoint(checkpoint.load_pt(path), source=str(path))
+        return model.to(device=device, dtype=dtype)
+
