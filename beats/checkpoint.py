@@ -44,7 +44,9 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-_SHARED_BIAS = re.compile(r"^(.*encoder\.layers\.)(\d+)(\.self_attn\.relative_attention_bias\.weight)$")
+_SHARED_BIAS = re.compile(
+    r"^(.*encoder\.layers\.)(\d+)(\.self_attn\.relative_attention_bias\.weight)$"
+)
 
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ class EncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(cfg.activation_dropout)
         self.dropout3 = nn.Dropout(cfg.dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.fc1: nn.Module = GLULinear(dim, ffn) if cfg.activation_fn == "glu" else nn.Linear(dim, ffn)
+        glu = cfg.activation_fn == "glu"
+        self.fc1: nn.Module = GLULinear(dim, ffn) if glu else nn.Linear(dim, ffn)
         self.activation = get_activation_fn(cfg.activation_fn)
         self.fc2 = nn.Linear(ffn, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
@@ -70,14 +71,14 @@ class TransformerEncoder(nn.Module):
         self.layer_norm_first = cfg.layer_norm_first
         self.layerdrop = cfg.encoder_layerdrop
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
-        self.relative_position_embedding = cfg.relative_position_embedding
+        self.relative_position_embedding = relative = cfg.relative_position_embedding
         self.pos_conv = nn.Sequential(
             WeightNormConv1d(dim, cfg.conv_pos, cfg.conv_pos_groups),
             SamePad(cfg.conv_pos),
             nn.GELU(),
         )
         self.layers = nn.ModuleList(
-            EncoderLayer(cfg, has_relative_attention_bias=cfg.relative_position_embedding and i == 0)
+            EncoderLayer(cfg, has_relative_attention_bias=relative and i == 0)
             for i in range(cfg.encoder_layers)
         )
         self.layer_norm = nn.LayerNorm(dim)

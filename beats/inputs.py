@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ _INT_SCALES = {
     torch.uint8: (128.0, 128.0),
 }
 
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
+ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class BEATsOutput:
     def __getitem__(self, index: int | slice) -> Any:
         return self.to_tuple()[index]
 
-    def __iter__(self):  # noqa: ANN204 - tuple-style unpacking
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.to_tuple())
 
     def __len__(self) -> int:

@@ -68,7 +68,9 @@ def test_output_layer_stops_early_and_equals_hidden_state(case, waves):
     model = reference_model(case)
     wav = waves["wav.1"]
     calls = []
-    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in model.encoder.layers]
+    hooks = [
+        layer.register_forward_hook(lambda *_: calls.append(1)) for layer in model.encoder.layers
+    ]
     try:
         with torch.no_grad():
             full = model.extract_features(wav, output_hidden_states=True)

@@ -1,0 +1,181 @@
+"""Building blocks, each against an independent computation written out in the test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from beats import GradMultiply, quant_noise
+from beats.attention import MultiheadAttention, relative_position_buckets
+from beats.modules import GLULinear, SamePad, WeightNormConv1d, get_activation_fn
+
+
+def test_grad_multiply_is_identity_forward_and_scales_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = GradMultiply.apply(x, 0.25)
+    assert torch.equal(y, x)
+    (y * torch.arange(12.0).view(3, 4)).sum().backward()
+    assert torch.allclose(x.grad, 0.25 * torch.arange(12.0).view(3, 4))
+
+
+def test_activations():
+    x = torch.linspace(-4, 4, 101)
+    erf_gelu = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    assert torch.allclose(get_activation_fn("gelu")(x), erf_gelu, atol=1e-6)
+    tanh_gelu = 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x**3)))
+    assert torch.allclose(get_activation_fn("gelu_accurate")(x), tanh_gelu, atol=1e-6)
+    assert torch.equal(get_activation_fn("gelu_fast")(x), get_activation_fn("gelu_accurate")(x))
+    assert torch.equal(get_activation_fn("relu")(x), x.clamp(min=0))
+    assert torch.equal(get_activation_fn("tanh")(x), torch.tanh(x))
+    assert torch.equal(get_activation_fn("linear")(x), x)
+    half = get_activation_fn("gelu")(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="swish"):
+        get_activation_fn("swish")
+
+
+def test_glu_is_first_half_times_swish_of_second():
+    glu = GLULinear(6, 5)
+    x = torch.randn(2, 3, 6)
+    z = x @ glu.linear.weight.T + glu.linear.bias
+    a, b = z[..., :5], z[..., 5:]
+    assert torch.allclose(glu(x), a * b / (1 + torch.exp(-b)), atol=1e-6)
+
+
+@pytest.mark.parametrize("k, removed", [(4, 1), (5, 0)])
+def test_same_pad(k, removed):
+    x = torch.randn(2, 3, 10)
+    assert SamePad(k)(x).shape[-1] == 10 - removed
+
+
+@pytest.mark.parametrize("kernel", [16, 15])
+def test_weight_norm_conv_matches_torch_weight_norm(kernel):
+    ours = WeightNormConv1d(12, kernel, groups=3)
+    with torch.no_grad():
+        ours.weight_g.mul_(torch.rand_like(ours.weight_g) + 0.5)
+    plain = nn.Conv1d(12, 12, kernel, padding=kernel // 2, groups=3)
+    plain = nn.utils.parametrizations.weight_norm(plain, name="weight", dim=2)
+    with torch.no_grad():
+        plain.parametrizations.weight.original0.copy_(ours.weight_g)
+        plain.parametrizations.weight.original1.copy_(ours.weight_v)
+        plain.bias.copy_(ours.bias)
+    x = torch.randn(2, 12, 30)
+    assert torch.allclose(ours(x), plain(x), atol=1e-6)
+
+
+def _bucket(r: int, num_buckets: int, max_distance: int) -> int:
+    """Spec section 6, one offset at a time, in plain Python floats."""
+    nb = num_buckets // 2
+    base = nb if r > 0 else 0
+    a, e = abs(r), nb // 2
+    if a < e:
+        return base + a
+    scaled = math.log(a / e) / math.log(max_distance / e) * (nb - e)
+    return base + min(nb - 1, e + int(scaled))
+
+
+@pytest.mark.parametrize("num_buckets, max_distance", [(320, 800), (32, 64)])
+def test_relative_position_buckets(num_buckets, max_distance):
+    n = 600
+    buckets = relative_position_buckets(n, num_buckets, max_distance)
+    for i in (0, 1, 77, 599):
+        for j in range(n):
+            assert int(buckets[i, j]) == _bucket(j - i, num_buckets, max_distance), (i, j)
+    # Hand-checked values for the released configuration.
+    b = relative_position_buckets(1000, 320, 800)
+    assert b[0, 0] == 0 and b[1, 0] == 1 and b[0, 1] == 161
+    assert b[0, 79] == 239 and b[0, 80] == 240 and b[0, 999] == 319 and b[999, 0] == 159
+
+
+def _original_attention(attn: MultiheadAttention, x, key_padding_mask, table):
+    """The original's computation: scaled q, max subtraction and x32 rescaling, explicit softmax."""
+    batch, length, dim = x.shape
+    heads, d = attn.num_heads, attn.head_dim
+    alpha, scaling = 32.0, d**-0.5
+    q = (x @ attn.q_proj.weight.T + attn.q_proj.bias) * scaling / alpha
+    k = x @ attn.k_proj.weight.T + attn.k_proj.bias
+    v = x @ attn.v_proj.weight.T + attn.v_proj.bias
+    q, k, v = (t.view(batch, length, heads, d).transpose(1, 2) for t in (q, k, v))
+    w = q @ k.transpose(-1, -2)
+    w = (w - w.max(dim=-1, keepdim=True).values) * alpha
+    w = w.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+    buckets = torch.tensor([[_bucket(int(r), attn.num_buckets, attn.max_distance) for r in row]
+                            for row in offsets])
+    bias = table[buckets].permute(2, 0, 1)  # (H, S, S)
+    u = q * alpha / scaling
+    g = torch.sigmoid((u @ attn.grep_linear.weight.T + attn.grep_linear.bias)
+                      .view(batch, heads, length, 2, 4).sum(-1))
+    gate = g[..., :1] * (g[..., 1:] * attn.grep_a - 1.0) + 2.0
+    w = w + gate * bias
+    out = torch.softmax(w, dim=-1) @ v
+    out = out.transpose(1, 2).reshape(batch, length, dim)
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def test_attention_matches_the_original_computation():
+    torch.manual_seed(0)
+    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 40, 16)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    with torch.no_grad():
+        ours = attn(x, mask, attn.position_bias(40, x.device))
+        theirs = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_quant_noise_drops_whole_blocks_and_never_changes_weights():
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 6)
+    stored = plain.weight.detach().clone()
+    noisy = quant_noise(plain, p=0.5, block_size=4)
+    assert noisy.weight is plain.weight  # shares the parameters
+    x = torch.randn(3, 16)
+    noisy.eval()
+    assert torch.equal(noisy(x), plain(x))
+    noisy.train()
+    outs = []
+    for _ in range(4):
+        noisy.zero_grad()
+        out = noisy(x)
+        outs.append(out.detach())
+        out.pow(2).sum().backward()
+        blocks = noisy.weight.grad.view(6, 4, 4)  # (out, block, in-block)
+        zero = (blocks == 0).all(dim=-1)
+        assert ((blocks != 0).all(dim=-1) | zero).all()  # whole blocks are dropped
+        assert 0 < int(zero.sum()) < zero.numel()
+        assert torch.equal(noisy.weight, stored)
+    assert not torch.equal(outs[0], outs[1])
+    assert quant_noise(plain, p=0.0, block_size=4) is plain
+    with pytest.raises(ValueError, match="block_size"):
+        quant_noise(nn.Linear(10, 3), p=0.1, block_size=4)
+    with pytest.raises(TypeError):
+        quant_noise(nn.LSTM(4, 4), p=0.1, block_size=4)
+
+
+def test_quant_noise_kept_weights_scaled():
+    torch.manual_seed(1)
+    lin = quant_noise(nn.Linear(8, 2, bias=False), p=0.5, block_size=8).train()
+    eye = torch.eye(8)
+    effective = lin(eye).T  # (2, 8): each row is the noised weight row
+    w = lin.weight.detach()
+    for row in range(2):
+        kept = effective[row] != 0
+        if kept.any():
+            assert torch.allclose(effective[row][kept], 2.0 * w[row][kept])
+
+
+def test_quant_noise_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, kernel_size=1)
+    noisy = quant_noise(conv, p=0.5, block_size=4)
+    x = torch.randn(1, 8, 5, 5)
+    assert torch.equal(noisy.eval()(x), conv(x))
+    assert not torch.equal(noisy.train()(x), conv(x))
