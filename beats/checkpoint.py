@@ -29,10 +29,11 @@ def load_pt(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"{path} is not a plain-tensor checkpoint: loading it would need to run code "
-            f"from the file, which beats never does (weights_only=True refused: {e}). "
-            "If you trust the file, convert it once in a separate step with `beats convert`."
-        ) from e
+            f"{path} is not a plain-tensor checkpoint: loading it would run code named in "
+            f"the file ({_unpickler_reason(e)}), and beats only loads with "
+            "weights_only=True. Checkpoints of tensors, dicts and numbers load; convert "
+            "this one to safetensors with `beats convert` where it is supported."
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
@@ -47,6 +48,15 @@ def load_pt(path: str | Path) -> dict[str, Any]:
 _SHARED_BIAS = re.compile(
     r"^(.*encoder\.layers\.)(\d+)(\.self_attn\.relative_attention_bias\.weight)$"
 )
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The one line of torch's weights_only error that says what was refused."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
