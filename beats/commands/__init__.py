@@ -1,0 +1,1 @@
+"""Subcommands of the ``beats`` command line, one module each (see `beats.cli`)."""
