@@ -1,0 +1,113 @@
+"""Finding input audio files and mapping them to output paths inside an output folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .audio import AUDIO_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An input and its key: the relative path its outputs mirror (no suffix, '/'-separated)."""
+
+    path: Path
+    key: str
+
+
+def _walk(folder: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            if name.lower().endswith(extensions) and not name.startswith("."):
+                yield Path(root) / name
+
+
+def _safe_key(relative: Path) -> str:
+    """'a/b/c.wav' -> 'a/b/c.wav' with '..', absolute and empty parts refused."""
+    parts = [p for p in relative.parts if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts) or relative.is_absolute():
+        raise ValueError(f"{relative}: input paths must stay below their folder")
+    return "/".join(parts)
+
+
+def discover_inputs(
+    inputs: Iterable[str | os.PathLike], extensions: tuple[str, ...] = AUDIO_EXTENSIONS
+) -> list[InputFile]:
+    """Files, folders (searched recursively by extension) and list files, in a stable order.
+
+    A list file is a text file whose name ends in ``.txt`` or ``.lst``: one path per line
+    (relative paths are relative to the list file; ``#`` starts a comment). Each input gets
+    a key that mirrors its place: relative to the folder it was found in, the list file's
+    folder, or its own name for a plain file. Duplicate keys are refused with both paths.
+    """
+    found: list[InputFile] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for file in _walk(path, extensions):
+                found.append(InputFile(file, _safe_key(file.relative_to(path))))
+        elif path.suffix.lower() in (".txt", ".lst") and path.is_file():
+            base = path.parent.resolve()
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                full = Path(line) if Path(line).is_absolute() else path.parent / line
+                if full.is_dir():
+                    raise ValueError(f"{path}:{number}: {line} is a folder; list files only")
+                try:
+                    key = _safe_key(full.resolve().relative_to(base))
+                except ValueError:  # outside the list's folder: keep the file name
+                    key = _safe_key(Path(full.name))
+                found.append(InputFile(full, key))
+        else:  # a file, even a missing one: the run records it as failed
+            found.append(InputFile(path, _safe_key(Path(path.name))))
+    seen: dict[str, Path] = {}
+    for f in found:
+        if f.key in seen and seen[f.key] != f.path:
+            raise ValueError(
+                f"two inputs map to the same output {f.key!r}: {seen[f.key]} and {f.path}; "
+                "pass their common parent folder instead"
+            )
+        seen[f.key] = f.path
+    unique = {f.key: f for f in found}
+    return list(unique.values())
+
+
+def output_path(output_dir: Path, key: str, suffix: str) -> Path:
+    """``output_dir / (key + suffix)``, e.g. ``out/birds/a.wav.npy``, always inside output_dir.
+
+    Keeping the audio suffix in the name keeps ``a.wav`` and ``a.flac`` apart.
+    """
+    root = output_dir.resolve()
+    target = root / (key + suffix)
+    target = target.parent.resolve() / target.name
+    if root not in target.parents:
+        raise ValueError(f"output for {key!r} would leave the output folder {root}")
+    return target
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[object]:
+    """Write to a temporary file beside ``path`` and rename it into place on success.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
