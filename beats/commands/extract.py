@@ -1,0 +1,110 @@
+"""``beats extract``: embeddings for files and folders of audio."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from ..pooling import FREQ_POOLING, TIME_POOLING, PoolingSpec, parse_layers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="embed audio files into .npy files or safetensors shards",
+        description=(
+            "Embed every audio file in INPUTS (files, folders searched recursively, or "
+            ".txt/.lst lists of paths) into OUT, with a manifest.jsonl of every outcome. "
+            "Default output: one 768-d vector per file (last layer, mean over time and "
+            "frequency) as OUT/<input path>.npy."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-m", "--model", default=None,
+                   help="registry name, hub repo, folder or .pt file (default: the registry's "
+                        "default model)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes reading audio (0: read in the main process)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches each worker reads ahead")
+    p.add_argument("--layers", default="last", type=parse_layers,
+                   help="last, all, or hidden-state numbers like 4,8,12 (0 = encoder input)")
+    p.add_argument("--time-pooling", default="mean", choices=TIME_POOLING)
+    p.add_argument("--freq-pooling", default="mean", choices=FREQ_POOLING,
+                   help="keep the 8 frequency patches of each 160 ms step, or average them")
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds: embed files longer than this in windows (see README)")
+    p.add_argument("--hop", type=float, default=None, help="seconds between window starts")
+    p.add_argument("--format", dest="output_format", default="npy",
+                   choices=("npy", "safetensors"))
+    p.add_argument("--shard-size", type=int, default=1000, help="inputs per safetensors shard")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in OUT: skip complete outputs, redo the rest")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA (this process's LOCAL_RANK under torchrun), else MPS, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..extract import ExtractOptions, extract
+    from ..model import BEATs
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        options = ExtractOptions(
+            pooling=PoolingSpec(layers=args.layers, time=args.time_pooling,
+                                freq=args.freq_pooling),
+            batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch,
+            output_format=args.output_format, shard_size=args.shard_size,
+            window=args.window, hop=args.hop, resume=args.resume,
+        )
+    except ValueError as e:
+        print(f"beats extract: {e}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        name = args.model or default_model_name()
+        model = BEATs.from_pretrained(name, device=device, dtype=DTYPES[args.dtype])
+        summary = extract(model, args.inputs, args.output, options, model_name=str(name),
+                          progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"beats extract: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not args.quiet:
+        print(f"beats extract: {summary}", file=sys.stderr)
+        for _path, error in summary.failures[:20]:
+            print(f"  failed: {error}", file=sys.stderr)
+        if len(summary.failures) > 20:
+            print(f"  ... and {len(summary.failures) - 20} more (see manifest.jsonl)",
+                  file=sys.stderr)
+    return summary.exit_code
+
+
+def default_model_name() -> str:
+    """The registry's default checkpoint name."""
+    return "BEATs_iter3_plus_AS2M"

@@ -1,0 +1,466 @@
+"""Embeddings for many audio files: the engine behind ``beats extract``.
+
+Files are read by DataLoader workers while the model runs, batched by similar duration
+(little padding), embedded, pooled and written one output per input (``.npy``) or in
+sharded ``.safetensors``. Every outcome goes to ``manifest.jsonl``; a rerun with
+``resume=True`` skips inputs whose outputs are complete. Under ``torchrun`` each rank
+takes every world-size-th input and rank 0 merges the manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_safetensors
+from torch.utils.data import DataLoader, Dataset
+
+from .audio import AudioError, AudioInfo, audio_info, load_audio
+from .files import InputFile, atomic_write, discover_inputs, output_path
+from .inputs import MIN_SAMPLES
+from .manifest import (
+    FAILED,
+    OK,
+    PADDED,
+    ManifestWriter,
+    Record,
+    latest_by_key,
+    read_manifest,
+)
+from .model import BEATs
+from .pooling import PoolingSpec, pool, step_centres
+
+log = logging.getLogger("beats.extract")
+
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+FORMATS = ("npy", "safetensors")
+
+
+@dataclass
+class ExtractOptions:
+    """How to embed and store.
+
+    Attributes:
+        pooling: layers and pooling (`PoolingSpec`; default: last layer, mean over time
+            and frequency, one vector per file).
+        batch_size: clips per forward pass.
+        num_workers: processes reading and resampling audio (0: in the main process).
+        prefetch: batches each worker reads ahead.
+        output_format: ``npy`` (one file per input, mirroring the input tree: simplest,
+            best for a few thousand files or random access) or ``safetensors`` (shards of
+            ``shard_size`` inputs: best for millions of files or training pipelines).
+        shard_size: inputs per safetensors shard.
+        window, hop: seconds; a file longer than ``window`` is embedded in windows (see
+            `beats.windows`), else whole. None embeds every file whole.
+        resume: skip inputs whose outputs are complete; redo the rest.
+    """
+
+    pooling: PoolingSpec = field(default_factory=PoolingSpec)
+    batch_size: int = 8
+    num_workers: int = 2
+    prefetch: int = 2
+    output_format: str = "npy"
+    shard_size: int = 1000
+    window: float | None = None
+    hop: float | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output_format not in FORMATS:
+            raise ValueError(f"output format {self.output_format!r}: choose one of {FORMATS}")
+        if self.batch_size < 1 or self.shard_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and shard_size must be >= 1, num_workers >= 0")
+        if self.window is not None and self.window * 16000 < MIN_SAMPLES:
+            raise ValueError(f"window {self.window} s is shorter than the model's 0.175 s")
+        if self.hop is not None and (self.window is None or not 0 < self.hop <= self.window):
+            raise ValueError("hop needs a window and must lie in (0, window]")
+
+    def fingerprint(self, model_name: str) -> dict[str, Any]:
+        """What must match for a resumed run to reuse earlier outputs."""
+        p = self.pooling
+        return {
+            "model": model_name,
+            "layers": p.layers if isinstance(p.layers, str) else list(p.layers),
+            "time_pooling": p.time,
+            "freq_pooling": p.freq,
+            "output_format": self.output_format,
+            "window": self.window,
+            "hop": self.hop,
+        }
+
+
+@dataclass
+class Summary:
+    """Counts of a run: inputs ``ok``, ``padded`` (short, zero-padded), ``failed``,
+    ``skipped`` (already done), audio seconds embedded and wall seconds."""
+
+    ok: int = 0
+    padded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    audio_seconds: float = 0.0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def __str__(self) -> str:
+        speed = self.audio_seconds / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.ok} ok, {self.padded} padded, {self.failed} failed, {self.skipped} "
+            f"skipped (already done); {self.audio_seconds:.1f} s of audio in "
+            f"{self.seconds:.1f} s ({speed:.1f} audio s/s)"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class _Loaded:
+    item: InputFile
+    wav: np.ndarray | None
+    info: AudioInfo | None
+    error: str | None
+
+
+class _BatchReader(Dataset):
+    """Dataset whose items are whole batches of files, read in worker processes."""
+
+    def __init__(self, batches: list[list[InputFile]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[_Loaded]:
+        out = []
+        for item in self.batches[index]:
+            try:
+                wav, info = load_audio(item.path)
+                out.append(_Loaded(item, wav, info, None))
+            except (AudioError, OSError, ValueError) as e:
+                out.append(_Loaded(item, None, None, str(e)))
+        return out
+
+
+def _as_is(batch: list[_Loaded]) -> list[_Loaded]:
+    return batch
+
+
+def _by_duration(items: list[InputFile], batch_size: int) -> list[list[InputFile]]:
+    """Batches of similar duration (header reads only), longest first."""
+    def duration(item: InputFile) -> float:
+        try:
+            return audio_info(item.path).duration
+        except (AudioError, OSError, ValueError):
+            return 0.0  # unreadable: fails when loaded, in a batch of its own kind
+
+    ordered = sorted(items, key=lambda it: (-duration(it), it.key))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+# --------------------------------------------------------------------------- writing
+class _NpyWriter:
+    suffix = ".npy"
+
+    def __init__(self, output_dir: Path, manifest: ManifestWriter) -> None:
+        self.output_dir = output_dir
+        self.manifest = manifest
+
+    def write(self, record: Record, embedding: np.ndarray, times: np.ndarray | None) -> None:
+        path = output_path(self.output_dir, record.key, self.suffix)
+        if times is not None:
+            with atomic_write(path.with_name(path.name[: -len(".npy")] + ".times.npy")) as f:
+                np.save(f, times)
+        with atomic_write(path) as f:
+            np.save(f, embedding)
+        record.output = path.relative_to(self.output_dir.resolve()).as_posix()
+        self.manifest.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+class _ShardWriter:
+    """Collects embeddings and writes ``shard-R-NNNNN.safetensors`` of ``size`` inputs;
+    their manifest records are appended only once the shard is on disk."""
+
+    def __init__(self, output_dir: Path, manifest: ManifestWriter, size: int, rank: int) -> None:
+        self.output_dir = output_dir
+        self.manifest = manifest
+        self.size = size
+        self.rank = rank
+        self.number = len(list(output_dir.glob(f"shard-{rank:02d}-*.safetensors")))
+        self.tensors: dict[str, np.ndarray] = {}
+        self.records: list[Record] = []
+
+    def write(self, record: Record, embedding: np.ndarray, times: np.ndarray | None) -> None:
+        self.tensors[record.key] = np.ascontiguousarray(embedding)
+        if times is not None:
+            self.tensors[record.key + "#times"] = times
+        self.records.append(record)
+        if len(self.records) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.records:
+            return
+        name = f"shard-{self.rank:02d}-{self.number:05d}.safetensors"
+        with atomic_write(self.output_dir / name) as f:
+            f.write(save_safetensors(self.tensors, metadata={"format": "beats-embeddings"}))
+        for record in self.records:
+            record.output = f"{name}#{record.key}"
+            self.manifest.append(record)
+        self.number += 1
+        self.tensors, self.records = {}, []
+
+    def close(self) -> None:
+        self.flush()
+
+
+# --------------------------------------------------------------------------- resume
+def _completed(output_dir: Path, previous: dict[str, Record], options: ExtractOptions) -> set[str]:
+    """Keys whose outputs exist, whole, with the shape their record states."""
+    done = set()
+    for key, record in previous.items():
+        if record.status not in (OK, PADDED) or record.output is None:
+            continue
+        if options.output_format == "npy":
+            path = output_dir / record.output
+            try:
+                shape = np.load(path, mmap_mode="r").shape
+            except (OSError, ValueError):
+                continue
+            if list(shape) == record.shape:
+                done.add(key)
+        elif (output_dir / record.output.split("#", 1)[0]).exists():
+            done.add(key)
+    return done
+
+
+def _adopt_unrecorded(
+    output_dir: Path, items: list[InputFile], manifest: ManifestWriter
+) -> set[str]:
+    """npy outputs written by a run killed before it could record them: writes are atomic,
+    so an existing file is complete. Record them (``recovered``) instead of recomputing."""
+    adopted = set()
+    for item in items:
+        path = output_path(output_dir, item.key, _NpyWriter.suffix)
+        if not path.exists():
+            continue
+        try:
+            shape = np.load(path, mmap_mode="r").shape
+            info = audio_info(item.path)
+        except (OSError, ValueError):
+            continue
+        status = PADDED if info.duration * 16000 < MIN_SAMPLES else OK
+        manifest.append(Record(
+            str(item.path), item.key, status, info.duration, info.sample_rate,
+            path.relative_to(output_dir.resolve()).as_posix(), list(shape),
+            extra={"recovered": True},
+        ))
+        adopted.add(item.key)
+    return adopted
+
+
+def _check_run_file(output_dir: Path, fingerprint: dict[str, Any], resume: bool) -> None:
+    path = output_dir / RUN_FILE
+    if resume and path.exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"cannot resume in {output_dir}: the earlier run used other settings "
+                f"({details}); use a new output folder or the same settings"
+            )
+    elif not resume and (output_dir / MANIFEST).exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({MANIFEST}); pass --resume to continue it "
+            "or choose an empty output folder"
+        )
+    with atomic_write(path, "w") as f:
+        json.dump(fingerprint, f, indent=2)
+
+
+# --------------------------------------------------------------------------- the run
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _embed_batch(
+    model: BEATs, loaded: list[_Loaded], spec: PoolingSpec
+) -> Iterator[tuple[_Loaded, np.ndarray, np.ndarray | None, bool]]:
+    """Yield (loaded, embedding, centre times or None, padded?) for a batch of clips."""
+    clips, padded = [], []
+    for item in loaded:
+        wav = item.wav
+        short = len(wav) < MIN_SAMPLES
+        if short:
+            wav = np.pad(wav, (0, MIN_SAMPLES - len(wav)))
+        clips.append(torch.from_numpy(wav))
+        padded.append(short)
+    with torch.inference_mode():
+        out = model.extract_features(clips, output_hidden_states=spec.needs_hidden_states)
+        pooled = pool(out, spec, model.cfg.encoder_layers)
+    for item, emb, short in zip(loaded, pooled, padded, strict=True):
+        array = emb.cpu().numpy()
+        times = None
+        if spec.time_resolved:
+            steps = array.shape[0] if spec.layers == "last" else array.shape[1]
+            times = step_centres(steps)
+        yield item, array, times, short
+
+
+def _embed_isolating_failures(
+    model: BEATs, loaded: list[_Loaded], spec: PoolingSpec
+) -> Iterator[tuple[_Loaded, tuple[np.ndarray, np.ndarray | None, bool] | str]]:
+    """Embed a batch; if it fails (say, out of memory), retry each clip alone so that one
+    bad input fails by itself. Yields (loaded, (embedding, times, padded) or error text)."""
+    if not loaded:
+        return
+    try:
+        results = list(_embed_batch(model, loaded, spec))
+    except (RuntimeError, ValueError) as e:
+        if len(loaded) == 1:
+            yield loaded[0], f"{type(e).__name__}: {e}"
+            return
+        for x in loaded:
+            yield from _embed_isolating_failures(model, [x], spec)
+        return
+    for x, emb, times, short in results:
+        yield x, (emb, times, short)
+
+
+def extract(
+    model: BEATs,
+    inputs: Sequence[str | os.PathLike] | list[InputFile],
+    output_dir: str | os.PathLike,
+    options: ExtractOptions | None = None,
+    *,
+    model_name: str = "model",
+    progress: bool = True,
+) -> Summary:
+    """Embed every input into ``output_dir``; returns the run's `Summary`.
+
+    ``inputs`` are files, folders or list files (see `beats.files.discover_inputs`).
+    Failures are recorded in the manifest and never stop the run.
+    """
+    options = options or ExtractOptions()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed()
+    items = inputs if inputs and isinstance(inputs[0], InputFile) else discover_inputs(inputs)
+    items = sorted(items, key=lambda it: it.key)  # type: ignore[union-attr]
+    if rank == 0:
+        _check_run_file(output_dir, options.fingerprint(model_name), options.resume)
+        _fold_rank_manifests(output_dir)  # left by a killed distributed run
+    if world > 1:
+        torch.distributed.barrier()
+
+    previous = latest_by_key(read_manifest(output_dir / MANIFEST)) if options.resume else {}
+    done = _completed(output_dir, previous, options)
+    mine = [it for i, it in enumerate(items) if i % world == rank]
+    todo = [it for it in mine if it.key not in done]
+    start = time.perf_counter()
+
+    part = output_dir / (MANIFEST if world == 1 else f"manifest.rank{rank:03d}.jsonl")
+    with ManifestWriter(part) as manifest:
+        if options.resume and options.output_format == "npy":
+            adopted = _adopt_unrecorded(output_dir, todo, manifest)
+            todo = [it for it in todo if it.key not in adopted]
+        summary = Summary(skipped=len(mine) - len(todo))
+        writer: _NpyWriter | _ShardWriter = (
+            _NpyWriter(output_dir, manifest) if options.output_format == "npy"
+            else _ShardWriter(output_dir, manifest, options.shard_size, rank)
+        )
+        batches = _by_duration(todo, options.batch_size)
+        loader = DataLoader(
+            _BatchReader(batches), batch_size=None, shuffle=False,
+            num_workers=options.num_workers,
+            prefetch_factor=options.prefetch if options.num_workers > 0 else None,
+            collate_fn=_as_is,
+        )
+        bar = _progress(len(todo), progress and rank == 0)
+        for loaded in loader:
+            good = [x for x in loaded if x.error is None]
+            for x in loaded:
+                if x.error is not None:
+                    manifest.append(Record(str(x.item.path), x.item.key, FAILED, error=x.error))
+                    summary.failed += 1
+                    summary.failures.append((str(x.item.path), x.error))
+            for x, result in _embed_isolating_failures(model, good, options.pooling):
+                if isinstance(result, str):
+                    manifest.append(Record(str(x.item.path), x.item.key, FAILED, error=result))
+                    summary.failed += 1
+                    summary.failures.append((str(x.item.path), result))
+                    continue
+                emb, times, short = result
+                record = Record(
+                    str(x.item.path), x.item.key, PADDED if short else OK,
+                    duration=x.info.duration, sample_rate=x.info.sample_rate,
+                    shape=list(emb.shape),
+                )
+                writer.write(record, emb.astype(np.float32, copy=False), times)
+                summary.padded += short
+                summary.ok += not short
+                summary.audio_seconds += x.info.duration
+            bar.update(len(loaded))
+            bar.set_postfix_str(
+                f"{summary.audio_seconds / max(time.perf_counter() - start, 1e-9):.1f} audio s/s"
+            )
+        writer.close()
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    if world > 1:
+        _merge_manifests(output_dir, rank, world)
+    return summary
+
+
+def _fold_rank_manifests(output_dir: Path) -> None:
+    """Append every ``manifest.rankNNN.jsonl`` to manifest.jsonl in key order, then delete
+    the parts."""
+    parts = sorted(output_dir.glob("manifest.rank*.jsonl"))
+    if not parts:
+        return
+    records = [r for p in parts for r in read_manifest(p)]
+    with ManifestWriter(output_dir / MANIFEST) as manifest:
+        for record in sorted(records, key=lambda r: r.key):
+            manifest.append(record)
+    for p in parts:
+        p.unlink()
+
+
+def _merge_manifests(output_dir: Path, rank: int, world: int) -> None:
+    """All ranks wait for each other; rank 0 folds the per-rank manifests together."""
+    torch.distributed.barrier()
+    if rank == 0:
+        _fold_rank_manifests(output_dir)
+    torch.distributed.barrier()
+
+
+def _progress(total: int, enabled: bool):  # tqdm, or a no-op stand-in
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="file", dynamic_ncols=True)
+
+    class _Quiet:
+        def update(self, n: int) -> None: ...
+        def set_postfix_str(self, s: str) -> None: ...
+        def close(self) -> None: ...
+
+    return _Quiet()
