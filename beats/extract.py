@@ -153,6 +153,11 @@ class _BatchReader(Dataset):
         return out
 
 
+def _abs(path: Path) -> str:
+    """The absolute path recorded in the manifest (so it can be matched from anywhere)."""
+    return str(Path(os.path.abspath(path)))
+
+
 def _as_is(batch: list[_Loaded]) -> list[_Loaded]:
     return batch
 
@@ -265,7 +270,7 @@ def _adopt_unrecorded(
             continue
         status = PADDED if info.duration * 16000 < MIN_SAMPLES else OK
         manifest.append(Record(
-            str(item.path), item.key, status, info.duration, info.sample_rate,
+            _abs(item.path), item.key, status, info.duration, info.sample_rate,
             path.relative_to(output_dir.resolve()).as_posix(), list(shape),
             extra={"recovered": True},
         ))
@@ -399,18 +404,18 @@ def extract(
             good = [x for x in loaded if x.error is None]
             for x in loaded:
                 if x.error is not None:
-                    manifest.append(Record(str(x.item.path), x.item.key, FAILED, error=x.error))
+                    manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=x.error))
                     summary.failed += 1
                     summary.failures.append((str(x.item.path), x.error))
             for x, result in _embed_isolating_failures(model, good, options.pooling):
                 if isinstance(result, str):
-                    manifest.append(Record(str(x.item.path), x.item.key, FAILED, error=result))
+                    manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=result))
                     summary.failed += 1
                     summary.failures.append((str(x.item.path), result))
                     continue
                 emb, times, short = result
                 record = Record(
-                    str(x.item.path), x.item.key, PADDED if short else OK,
+                    _abs(x.item.path), x.item.key, PADDED if short else OK,
                     duration=x.info.duration, sample_rate=x.info.sample_rate,
                     shape=list(emb.shape),
                 )

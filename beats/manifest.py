@@ -1,6 +1,6 @@
 """``manifest.jsonl``: one JSON record per processed input, appended as work completes.
 
-Each record: ``input`` (path as given), ``key`` (its place in the output tree),
+Each record: ``input`` (absolute path), ``key`` (its place in the output tree),
 ``duration`` (seconds, as stored), ``sample_rate`` (Hz, as stored), ``output`` (path
 relative to the output folder, or ``shard#key`` for safetensors shards), ``shape``,
 ``status`` (``ok``, ``padded``: shorter than the model minimum and zero-padded, or

@@ -1,0 +1,148 @@
+"""`beats probe` end to end: real audio from espeak-ng and sox, a tiny random backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from beats import BEATs
+from beats.probe import LabelledSet, metrics, read_csv, stratified_split
+
+from .audio_files import needs_espeak, needs_sox, sox, speech
+from .conftest import tiny_config
+from .test_extract import beats_cli
+
+VOICES = ["en", "en-us", "en+f3", "en+m3", "de", "fr"]
+WORDS = ["hello there", "seven eight nine", "good morning to you", "open the window now",
+         "a small test", "numbers and letters"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 classes x 20 clips of 0.6 - 3 s: speech, tones/chords, coloured noise."""
+    root = tmp_path_factory.mktemp("sounds")
+    rng = np.random.default_rng(0)
+    for c in ("speech", "tonal", "noise"):
+        (root / c).mkdir()
+    for i in range(20):
+        seconds = f"{rng.uniform(0.6, 3.0):.2f}"
+        speech(root / "speech" / f"s{i:02d}.wav", WORDS[i % 6], voice=VOICES[i % 6],
+               speed=120 + 10 * (i % 7))
+        base = 200 + 37 * i
+        if i % 2:
+            chord = [f"{base * r:.0f}" for r in (1.0, 1.25, 1.5)]
+            synth = [x for f in chord for x in ("sine", f)]
+            sox("-n", "-r", "16000", str(root / "tonal" / f"t{i:02d}.wav"), "synth", seconds,
+                *synth, "remix", "-", "vol", "0.3")
+        else:
+            sox("-n", "-r", "16000", str(root / "tonal" / f"t{i:02d}.wav"), "synth", seconds,
+                "sine", str(base), "vol", "0.5")
+        colour = ("whitenoise", "pinknoise", "brownnoise")[i % 3]
+        sox("-n", "-r", "16000", str(root / "noise" / f"n{i:02d}.wav"), "synth", seconds,
+            colour, "vol", f"{rng.uniform(0.2, 0.6):.2f}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = BEATs(tiny_config())
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save({"cfg": model.cfg.to_dict(), "model": model.state_dict()}, path)
+    return str(path)
+
+
+@needs_sox
+@needs_espeak
+@pytest.mark.slow
+def test_probe_from_audio_scores_and_equals_probe_from_cache(dataset, tiny_model, tmp_path):
+    audio_out = tmp_path / "from_audio"
+    proc = beats_cli("probe", str(dataset), "-o", str(audio_out), "-m", tiny_model, "-q",
+                     "--test-fraction", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((audio_out / "report.json").read_text())
+    assert report["test_clips"] == 15 and report["clips"] == 60
+    assert report["test"]["accuracy"] >= 0.9, report
+    assert report["test"]["macro_f1"] >= 0.85, report
+
+    cache = tmp_path / "emb"
+    beats_cli("extract", str(dataset), "-o", str(cache), "-m", tiny_model, "-q", check=True)
+    cached_out = tmp_path / "from_cache"
+    proc = beats_cli("probe", str(dataset), "-o", str(cached_out), "--embeddings", str(cache),
+                     "-q", "--test-fraction", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    a = load_file(audio_out / "head.safetensors")
+    b = load_file(cached_out / "head.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert json.loads((cached_out / "report.json").read_text())["test"] == report["test"]
+
+    clips = [str(dataset / "speech" / "s03.wav"), str(dataset / "noise" / "n04.wav")]
+    pred = beats_cli("probe", "--predict", str(audio_out), *clips, "--json", "-m", tiny_model)
+    assert pred.returncode == 0, pred.stderr
+    lines = [json.loads(line) for line in pred.stdout.splitlines()]
+    assert [line["labels"][0][0] for line in lines] == ["speech", "noise"]
+    assert abs(sum(p for _, p in lines[0]["labels"]) - 1.0) < 1e-4  # 3 classes, top 3
+
+
+@needs_sox
+@needs_espeak
+@pytest.mark.slow
+def test_attentive_probe_with_folds(dataset, tiny_model, tmp_path):
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold"])
+        for c in ("speech", "tonal", "noise"):
+            for i, p in enumerate(sorted((dataset / c).glob("*.wav"))):
+                w.writerow([p, c, str(i % 4)])
+    out = tmp_path / "att"
+    proc = beats_cli("probe", str(table), "-o", str(out), "-m", tiny_model, "--kind", "attentive",
+                     "--test-fold", "3", "--val-fold", "2", "--cv", "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_clips"] == 15 and report["val_clips"] == 15
+    assert set(report["cv"]["folds"]) == {"0", "1", "2", "3"}
+    assert report["test"]["accuracy"] >= 0.9, report
+    meta = json.loads((out / "head.json").read_text())
+    assert meta["kind"] == "attentive" and meta["embedding"]["time_pooling"] == "none"
+
+
+def test_metrics_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 2.0]])
+    m = metrics(logits, torch.tensor([0, 1, 1, 1]), multilabel=False)
+    assert m["accuracy"] == 0.75
+    # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 2 fp 0 fn 1 -> 4/5
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.1, 0.9]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # class 0 ranking: +,-,+ -> AP (1 + 2/3) / 2; class 1: +,+,- -> 1
+    expected = ((1 + 2 / 3) / 2 + 1) / 2
+    assert metrics(scores, targets, multilabel=True)["mAP"] == pytest.approx(expected)
+
+
+def test_csv_multilabel_and_errors(tmp_path):
+    table = tmp_path / "l.csv"
+    table.write_text("path,label\na.wav,dog;bark\nb.wav,cat\n")
+    ds = read_csv(table)
+    assert ds.multilabel and ds.classes == ["bark", "cat", "dog"]
+    assert ds.targets().tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    (tmp_path / "bad.csv").write_text("file,class\na.wav,x\n")
+    with pytest.raises(ValueError, match="path,label"):
+        read_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        LabelledSet([tmp_path / "a.wav"], [("x",)], [None])
+
+
+def test_stratified_split_keeps_every_class():
+    labels = [("a",)] * 10 + [("b",)] * 5
+    kept, held = stratified_split(labels, list(range(15)), 0.2, seed=0)
+    assert sorted(kept + held) == list(range(15))
+    assert sum(labels[r] == ("a",) for r in held) == 2
+    assert sum(labels[r] == ("b",) for r in held) == 1
