@@ -35,7 +35,7 @@ from .manifest import (
     latest_by_key,
     read_manifest,
 )
-from .model import BEATs
+from .model import PATCHES_PER_STEP, BEATs
 from .pooling import PoolingSpec, pool, step_centres
 
 log = logging.getLogger("beats.extract")
@@ -62,6 +62,8 @@ class ExtractOptions:
         window, hop: seconds; a file longer than ``window`` is embedded in windows (see
             `beats.windows`), else whole. None embeds every file whole.
         resume: skip inputs whose outputs are complete; redo the rest.
+        tokens: write acoustic token ids (T, 8) int64 instead of embeddings; the model
+            must be a `BEATsTokenizer` and ``pooling`` is ignored.
     """
 
     pooling: PoolingSpec = field(default_factory=PoolingSpec)
@@ -73,6 +75,7 @@ class ExtractOptions:
     window: float | None = None
     hop: float | None = None
     resume: bool = False
+    tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.output_format not in FORMATS:
@@ -87,6 +90,9 @@ class ExtractOptions:
     def fingerprint(self, model_name: str) -> dict[str, Any]:
         """What must match for a resumed run to reuse earlier outputs."""
         p = self.pooling
+        if self.tokens:
+            return {"model": model_name, "output": "tokens", "output_format": self.output_format,
+                    "window": self.window, "hop": self.hop}
         return {
             "model": model_name,
             "layers": p.layers if isinstance(p.layers, str) else list(p.layers),
@@ -307,9 +313,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def _embed_batch(
-    model: BEATs, loaded: list[_Loaded], spec: PoolingSpec
+    model: BEATs, loaded: list[_Loaded], options: ExtractOptions
 ) -> Iterator[tuple[_Loaded, np.ndarray, np.ndarray | None, bool]]:
-    """Yield (loaded, embedding, centre times or None, padded?) for a batch of clips."""
+    """Yield (loaded, embedding or tokens, centre times or None, padded?) for a batch."""
     clips, padded = [], []
     for item in loaded:
         wav = item.wav
@@ -318,33 +324,41 @@ def _embed_batch(
             wav = np.pad(wav, (0, MIN_SAMPLES - len(wav)))
         clips.append(torch.from_numpy(wav))
         padded.append(short)
+    spec = options.pooling
     with torch.inference_mode():
-        out = model.extract_features(clips, output_hidden_states=spec.needs_hidden_states)
-        pooled = pool(out, spec, model.cfg.encoder_layers)
-    for item, emb, short in zip(loaded, pooled, padded, strict=True):
-        array = emb.cpu().numpy()
+        if options.tokens:
+            labels, mask = model.extract_labels(clips)
+            steps = (~mask).sum(dim=1) // PATCHES_PER_STEP
+            arrays = [labels[b, : 8 * int(n)].view(int(n), PATCHES_PER_STEP)
+                      for b, n in enumerate(steps)]
+        else:
+            out = model.extract_features(clips, output_hidden_states=spec.needs_hidden_states)
+            arrays = pool(out, spec, model.cfg.encoder_layers)
+    for item, result, short in zip(loaded, arrays, padded, strict=True):
+        array = result.cpu().numpy()
         times = None
-        if spec.time_resolved:
-            steps = array.shape[0] if spec.layers == "last" else array.shape[1]
-            times = step_centres(steps)
+        if options.tokens or (spec.time_resolved and spec.layers == "last"):
+            times = step_centres(array.shape[0])
+        elif spec.time_resolved:  # (layers, T, ...)
+            times = step_centres(array.shape[1])
         yield item, array, times, short
 
 
 def _embed_isolating_failures(
-    model: BEATs, loaded: list[_Loaded], spec: PoolingSpec
+    model: BEATs, loaded: list[_Loaded], options: ExtractOptions
 ) -> Iterator[tuple[_Loaded, tuple[np.ndarray, np.ndarray | None, bool] | str]]:
     """Embed a batch; if it fails (say, out of memory), retry each clip alone so that one
     bad input fails by itself. Yields (loaded, (embedding, times, padded) or error text)."""
     if not loaded:
         return
     try:
-        results = list(_embed_batch(model, loaded, spec))
+        results = list(_embed_batch(model, loaded, options))
     except (RuntimeError, ValueError) as e:
         if len(loaded) == 1:
             yield loaded[0], f"{type(e).__name__}: {e}"
             return
         for x in loaded:
-            yield from _embed_isolating_failures(model, [x], spec)
+            yield from _embed_isolating_failures(model, [x], options)
         return
     for x, emb, times, short in results:
         yield x, (emb, times, short)
@@ -365,6 +379,8 @@ def extract(
     Failures are recorded in the manifest and never stop the run.
     """
     options = options or ExtractOptions()
+    if options.tokens and not hasattr(model, "extract_labels"):
+        raise ValueError("token output needs a tokenizer model (BEATsTokenizer)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
@@ -407,7 +423,7 @@ def extract(
                     manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=x.error))
                     summary.failed += 1
                     summary.failures.append((str(x.item.path), x.error))
-            for x, result in _embed_isolating_failures(model, good, options.pooling):
+            for x, result in _embed_isolating_failures(model, good, options):
                 if isinstance(result, str):
                     manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=result))
                     summary.failed += 1
@@ -419,7 +435,7 @@ def extract(
                     duration=x.info.duration, sample_rate=x.info.sample_rate,
                     shape=list(emb.shape),
                 )
-                writer.write(record, emb.astype(np.float32, copy=False), times)
+                writer.write(record, emb if options.tokens else emb.astype(np.float32), times)
                 summary.padded += short
                 summary.ok += not short
                 summary.audio_seconds += x.info.duration

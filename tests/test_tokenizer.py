@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,3 +136,30 @@ def test_finetuned_config_refused():
 
     with pytest.raises(ValueError, match="finetuned_model"):
         BEATsTokenizer(BEATsConfig(finetuned_model=True, encoder_layers=1))
+
+
+def test_tokenize_cli_equals_python_api(tmp_path, tokenizer):
+    from beats.audio import load_audio
+
+    from .audio_files import sf_write
+    from .test_extract import beats_cli
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, seconds in enumerate((0.5, 1.3, 2.2)):
+        sf_write(src / f"c{i}.wav", seconds=seconds, rate=22050, seed=i)
+    out = tmp_path / "out"
+    proc = beats_cli("tokenize", str(src), "-o", str(out), "-m", str(REFERENCE / "tokenizer.pt"),
+                     "-j", "0", "-b", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 ok" in proc.stderr
+    for i in range(3):
+        got = np.load(out / f"c{i}.wav.npy")
+        times = np.load(out / f"c{i}.wav.times.npy")
+        wav, _ = load_audio(src / f"c{i}.wav")
+        want = tokenizer.extract_labels(wav).labels[0].view(-1, 8).numpy()
+        assert got.dtype == np.int64 and np.array_equal(got, want)
+        assert np.allclose(times, 0.0875 + 0.16 * np.arange(len(want)))
+    encoder_only = beats_cli("tokenize", str(src), "-o", str(tmp_path / "x"), "-m",
+                             str(REFERENCE / "postnorm_gru.pt"), "-j", "0")
+    assert encoder_only.returncode == 2
