@@ -15,7 +15,7 @@ from .config import BEATsConfig
 from .encoder import TransformerEncoder
 from .fbank import NUM_MEL_BINS, fbank
 from .inputs import ArrayLike, prepare_batch
-from .labels import display_names
+from .labels import audioset_names, display_names
 
 PATCHES_PER_STEP = NUM_MEL_BINS // 16  # 8 frequency patches per 160 ms time step
 
@@ -322,6 +322,45 @@ class BEATs(nn.Module):
                 commit_message=commit_message, create_pr=create_pr,
             )
         return str(info.pr_url if create_pr and info.pr_url else info.commit_url)
+
+    # ------------------------------------------------------------------ classification
+    def predict_labels(
+        self,
+        wav: ArrayLike,
+        top_k: int = 5,
+        *,
+        padding_mask: ArrayLike | None = None,
+        lengths: ArrayLike | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most probable classes of each clip, as (display name, probability).
+
+        Fine-tuned models only. ``wav``, ``padding_mask`` and ``lengths`` are as in
+        `extract_features`; runs under ``torch.inference_mode()``. Classes without a label
+        are named ``class N``; ``top_k`` larger than the number of classes gives them all.
+        """
+        if self.predictor is None:
+            raise ValueError(
+                "predict_labels needs a fine-tuned model (one with a class head), such as "
+                "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2; this model has no head "
+                "(cfg.finetuned_model is False): use extract_features for embeddings"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        names = audioset_names()
+        label_dict = self.label_dict or {}
+
+        def name(index: int) -> str:
+            mid = label_dict.get(index)
+            return f"class {index}" if mid is None else names.get(mid, mid)
+
+        with torch.inference_mode():
+            probs = self.extract_features(wav, padding_mask, lengths=lengths).probs
+        assert probs is not None
+        values, indices = probs.float().topk(min(top_k, probs.shape[1]), dim=1)
+        return [
+            [(name(i), p) for p, i in zip(row_p, row_i, strict=True)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
 
 
 def _build_for_loading(cls: type[BEATs], cfg: BEATsConfig) -> BEATs:
