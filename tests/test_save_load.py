@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import marshal
+import pickle
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,44 @@ def test_subclass_is_built_by_from_pretrained(tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Sub"]
     assert type(Sub.from_pretrained(tmp_path)) is Sub
+
+
+# ---------------------------------------------------------------------- code in pickles
+class _Code:
+    """Unpickles to a code object (marshal.loads of compiled bytecode)."""
+
+    def __init__(self, source: str) -> None:
+        self.bytes = marshal.dumps(compile(source, "<payload>", "exec"))
+
+    def __reduce__(self):
+        return (marshal.loads, (self.bytes,))
+
+
+class _Exec:
+    """Unpickles by running the code object it carries."""
+
+    def __init__(self, source: str) -> None:
+        self.code = _Code(source)
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def _touching(marker: Path) -> _Exec:
+    return _Exec(f"import pathlib; pathlib.Path({str(marker)!r}).touch()")
+
+
+def test_pickle_carrying_a_code_object_is_refused_without_running_it(tmp_path):
+    control = tmp_path / "control_ran"
+    pickle.loads(pickle.dumps(_touching(control)))  # a plain unpickler runs the payload
+    assert control.exists()
+    marker = tmp_path / "code_ran"
+    ckpt = torch.load(REFERENCE / "postnorm_gru.pt", weights_only=True)
+    path = tmp_path / "payload.pt"
+    torch.save({**ckpt, "cfg": {**ckpt["cfg"], "x": _touching(marker)}}, path)
+    with pytest.raises(ValueError) as err:
+        BEATs.from_pretrained(path)
+    text = str(err.value)
+    assert f"{path} is not a plain-tensor checkpoint: loading it would run code" in text
+    assert "GLOBAL exec was not an allowed global" in text and "beats convert" in text
+    assert not marker.exists()
