@@ -200,6 +200,10 @@ class BEATs(nn.Module):
     @classmethod
     def from_microsoft_checkpoint(cls, ckpt: dict[str, Any], source: str = "checkpoint") -> BEATs:
         """Build a model from a loaded Microsoft dict (``cfg``, ``model``, ``label_dict``)."""
+        for key in ("cfg", "model"):
+            if not isinstance(ckpt.get(key), dict):
+                raise ValueError(f"{source}: '{key}' must be a dict, got "
+                                 f"{type(ckpt.get(key)).__name__}")
         label_dict = ckpt.get("label_dict")
         if label_dict is not None:
             label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}

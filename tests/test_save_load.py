@@ -165,6 +165,14 @@ def test_weights_not_matching_config_are_listed(tmp_path):
         BEATs.from_pretrained(tmp_path)
 
 
+def test_microsoft_file_with_a_cfg_that_is_not_a_dict(tmp_path):
+    ckpt = torch.load(REFERENCE / "postnorm_gru.pt", weights_only=True)
+    path = tmp_path / "odd.pt"
+    torch.save({"cfg": [1, 2], "model": ckpt["model"]}, path)
+    with pytest.raises(ValueError, match=r"odd\.pt: 'cfg' must be a dict, got list"):
+        BEATs.from_pretrained(path)
+
+
 def test_missing_path_suggests_the_registry_name():
     with pytest.raises(FileNotFoundError) as err:
         BEATs.from_pretrained("./BEATs_iter3_plus_AS2M.pt")
