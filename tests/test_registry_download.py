@@ -15,7 +15,7 @@ from beats.download import ChecksumError
 
 from .conftest import REFERENCE, reference_model
 from .servers import FileServer
-from .test_save_load import assert_same_model
+from .test_save_load import _TokenizerLike, assert_same_model
 
 FILES = {name: (REFERENCE / f"{name}.pt").read_bytes()
          for name in ("finetuned", "postnorm_gru", "tokenizer")}
@@ -138,6 +138,12 @@ def test_offline_with_a_cold_cache_says_what_is_missing(mirror, tmp_path, monkey
 def test_tokenizer_entry_is_refused_before_downloading(mirror, tmp_path):
     with pytest.raises(ValueError, match="Tiny_tokenizer is an acoustic tokenizer checkpoint"):
         BEATs.from_pretrained("Tiny_tokenizer", cache_dir=tmp_path)
+    assert mirror.requests == []
+
+
+def test_encoder_entry_is_refused_for_a_tokenizer_class_before_downloading(mirror, tmp_path):
+    with pytest.raises(ValueError, match="Tiny is a BEATs encoder checkpoint"):
+        _TokenizerLike.from_pretrained("Tiny", cache_dir=tmp_path)
     assert mirror.requests == []
 
 

@@ -194,9 +194,11 @@ def test_encoder_class_refuses_a_tokenizer_checkpoint():
 
 
 class _TokenizerLike(BEATs):
-    """Stands in for the tokenizer subclass: only its declared kind matters here."""
+    """Stands in for the tokenizer subclass: a BEATs with a quantizer head."""
 
-    checkpoint_kind = "tokenizer"
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.quantize_layer = torch.nn.Linear(cfg.encoder_embed_dim, cfg.quant_dim)
 
 
 def test_tokenizer_class_refuses_an_encoder_checkpoint():

@@ -28,15 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_class(tokenizer: bool, source: str | Path) -> type:
-    import beats
-
     if not tokenizer:
-        return beats.BEATs
-    cls = getattr(beats, "BEATsTokenizer", None)
-    if cls is None:
+        from ..model import BEATs
+
+        return BEATs
+    try:
+        from ..tokenizer import BEATsTokenizer  # type: ignore[import-not-found]
+    except ImportError:
         raise ValueError(f"{source} is an acoustic tokenizer checkpoint, and this version of "
-                         "beats has no BEATsTokenizer to convert it with")
-    return cls
+                         "beats has no BEATsTokenizer to convert it with") from None
+    return BEATsTokenizer
 
 
 def convert(input_path: str | Path, output: str | Path, *, force: bool = False) -> Path:
