@@ -4,12 +4,14 @@ from .config import BEATsConfig
 from .fbank import fbank
 from .model import BEATs, BEATsOutput, patch_padding_mask
 from .modules import GradMultiply, quant_noise
+from .registry import available_models
 
 __all__ = [
     "BEATs",
     "BEATsConfig",
     "BEATsOutput",
     "GradMultiply",
+    "available_models",
     "fbank",
     "patch_padding_mask",
     "quant_noise",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ def load_pt(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a plain-tensor checkpoint: loading it would run code named in "
             f"the file ({_unpickler_reason(e)}), and beats only loads with "
-            "weights_only=True. Checkpoints of tensors, dicts and numbers load; convert "
-            "this one to safetensors with `beats convert` where it is supported."
+            "weights_only=True. Checkpoints of tensors, dicts and numbers load. If you trust "
+            "where this file comes from, re-save its 'cfg' and 'model' as plain dicts and "
+            "tensors with the code that wrote it, then `beats convert` that file into a "
+            "safetensors folder that loads without any pickle."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from e
@@ -106,3 +109,28 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
         if shapes:
             parts.append(f"shape mismatches: {shapes}")
         raise ValueError("\n  ".join(parts))
+
+
+_TOKENIZER_PREFIXES = ("quantize.", "quantize_layer.")
+
+
+def is_tokenizer_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds the acoustic tokenizer's quantizer (``quantize*`` keys)."""
+    return any(k.startswith(_TOKENIZER_PREFIXES) for k in state_dict)
+
+
+def strip_wrapper_prefix(
+    state_dict: dict[str, torch.Tensor], expected: Iterable[str], prefix: str = "encoder."
+) -> dict[str, torch.Tensor]:
+    """Drop a wrapper's key prefix (OpenBEATs/ESPnet save the model as ``encoder``).
+
+    Only when every key carries ``prefix`` and the stripped keys are exactly ``expected``;
+    otherwise the state dict is returned unchanged (and the strict key check reports it).
+    """
+    expected = set(expected)
+    if not state_dict or set(state_dict) == expected:
+        return state_dict
+    if not all(k.startswith(prefix) for k in state_dict):
+        return state_dict
+    stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return stripped if set(stripped) == expected else state_dict

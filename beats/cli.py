@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from . import __version__
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
-SUBCOMMANDS: list[str] = ["extract", "tokenize", "probe"]
+SUBCOMMANDS: list[str] = ["extract", "tag", "tokenize", "probe", "models", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

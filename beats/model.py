@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, hub, serialization
 from .config import BEATsConfig
 from .encoder import TransformerEncoder
 from .fbank import NUM_MEL_BINS, fbank
 from .inputs import ArrayLike, prepare_batch
-from .labels import display_names
+from .labels import audioset_names, display_names
 
 PATCHES_PER_STEP = NUM_MEL_BINS // 16  # 8 frequency patches per 160 ms time step
 
@@ -196,14 +196,40 @@ class BEATs(nn.Module):
     @classmethod
     def from_microsoft_checkpoint(cls, ckpt: dict[str, Any], source: str = "checkpoint") -> BEATs:
         """Build a model from a loaded Microsoft dict (``cfg``, ``model``, ``label_dict``)."""
-        cfg = BEATsConfig.from_dict(dict(ckpt["cfg"]))
-        model = cls(cfg)
-        state_dict = checkpoint.normalize_state_dict(ckpt["model"])
-        checkpoint.check_keys(model, state_dict, source)
-        model.load_state_dict(state_dict, strict=True)
+        for key in ("cfg", "model"):
+            if not isinstance(ckpt.get(key), dict):
+                raise ValueError(f"{source}: '{key}' must be a dict, got "
+                                 f"{type(ckpt.get(key)).__name__}")
         label_dict = ckpt.get("label_dict")
         if label_dict is not None:
-            model.label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}
+            label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}
+        return cls._from_parts(dict(ckpt["cfg"]), ckpt["model"], label_dict, source)
+
+    @classmethod
+    def _from_parts(
+        cls,
+        cfg: dict[str, Any],
+        state_dict: dict[str, torch.Tensor],
+        label_dict: dict[int, str] | None,
+        source: str,
+    ) -> BEATs:
+        """Build ``cls`` from a config dict and a state dict, checking every key strictly.
+
+        Accepts the weight-norm key styles and repeated position tables of Microsoft files
+        (`checkpoint.normalize_state_dict`), and re-trainings (OpenBEATs/ESPnet) whose keys
+        all carry an extra ``encoder.`` prefix when that is the only difference.
+        """
+        is_tokenizer = checkpoint.is_tokenizer_state_dict(state_dict)
+        if _loads_tokenizers(cls) not in (None, is_tokenizer):
+            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
+        model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
+        if checkpoint.is_tokenizer_state_dict(model.state_dict()) != is_tokenizer:
+            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
+        state_dict = checkpoint.normalize_state_dict(state_dict)
+        state_dict = checkpoint.strip_wrapper_prefix(state_dict, model.state_dict().keys())
+        checkpoint.check_keys(model, state_dict, source)
+        model.load_state_dict(state_dict, strict=True)
+        model.label_dict = label_dict
         return model.eval()
 
     @classmethod
@@ -211,14 +237,174 @@ class BEATs(nn.Module):
         cls,
         name_or_path: str | Path,
         *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        local_files_only: bool = False,
     ) -> BEATs:
-        """Load a Microsoft ``.pt`` checkpoint (loaded with ``weights_only=True``).
+        """Load a checkpoint from anywhere; returned in eval mode.
 
-        The model is returned in eval mode, on ``device`` and in ``dtype`` when given.
+        ``name_or_path`` is, in the order tried:
+
+        - a local path: a Microsoft ``.pt`` (read with ``weights_only=True``, so a file that
+          would run code is refused), a ``model.safetensors`` with its ``config.json``, or a
+          folder written by `save_pretrained` or ``beats convert``;
+        - a registry name or alias, any case (``BEATs_iter3_plus_AS2M``, ``as2m-cpt2``,
+          ``default``; see ``beats models``): downloaded once into the beats cache
+          (``cache_dir``, else ``$BEATS_CACHE``, else ``~/.cache/beats``), checked and
+          converted to safetensors, so later loads never unpickle anything;
+        - a Hugging Face Hub repo id ``owner/name`` holding ``config.json`` and
+          ``model.safetensors``, at ``revision``, through huggingface_hub and its cache
+          (or ``cache_dir``).
+
+        ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` forbid downloads: cached files
+        load, anything else is an error that says what is missing. The model is moved to
+        ``device`` and cast to ``dtype`` when given.
         """
-        path = Path(name_or_path)
-        model = cls.from_microsoft_checkpoint(checkpoint.load_pt(path), source=str(path))
+
+        def convert(pt_path: Path, out_dir: Path) -> None:
+            ckpt = checkpoint.load_pt(pt_path)
+            cls.from_microsoft_checkpoint(ckpt, source=str(pt_path)).save_pretrained(out_dir)
+
+        found = hub.resolve(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            convert=convert,
+            tokenizer=_loads_tokenizers(cls),
+        )
+        if found.pt is not None:
+            model = cls.from_microsoft_checkpoint(checkpoint.load_pt(found.pt), found.source)
+        else:
+            assert found.config is not None and found.weights is not None
+            cfg, _ = serialization.read_config(found.config)
+            state_dict = serialization.read_weights(found.weights)
+            labels = None if found.labels is None else serialization.read_labels(found.labels)
+            model = cls._from_parts(cfg, state_dict, labels, found.source)
         return model.to(device=device, dtype=dtype)
 
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and (with labels) ``labels.json``.
+
+        Each file is written under a temporary name and renamed into place; loading the
+        folder with `from_pretrained` gives back identical tensors. Returns the folder.
+        """
+        return serialization.write_pretrained(
+            save_directory, self.cfg.to_dict(), self.state_dict(), self.label_dict,
+            architecture=type(self).__name__,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload BEATs model",
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the `save_pretrained` files to a Hugging Face Hub repo (created if needed).
+
+        Uses huggingface_hub (``HF_ENDPOINT``, your login or ``token``). Returns the URL of
+        the commit (or of the pull request with ``create_pr=True``).
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="beats-push-") as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, revision=revision,
+                commit_message=commit_message, create_pr=create_pr,
+            )
+        return str(info.pr_url if create_pr and info.pr_url else info.commit_url)
+
+    # ------------------------------------------------------------------ classification
+    def predict_labels(
+        self,
+        wav: ArrayLike,
+        top_k: int = 5,
+        *,
+        padding_mask: ArrayLike | None = None,
+        lengths: ArrayLike | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most probable classes of each clip, as (display name, probability).
+
+        Fine-tuned models only. ``wav``, ``padding_mask`` and ``lengths`` are as in
+        `extract_features`; runs under ``torch.inference_mode()``. Classes without a label
+        are named ``class N``; ``top_k`` larger than the number of classes gives them all.
+        """
+        if self.predictor is None:
+            raise ValueError(
+                "predict_labels needs a fine-tuned model (one with a class head), such as "
+                "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2; this model has no head "
+                "(cfg.finetuned_model is False): use extract_features for embeddings"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        names = audioset_names()
+        label_dict = self.label_dict or {}
+
+        def name(index: int) -> str:
+            mid = label_dict.get(index)
+            return f"class {index}" if mid is None else names.get(mid, mid)
+
+        with torch.inference_mode():
+            probs = self.extract_features(wav, padding_mask, lengths=lengths).probs
+        assert probs is not None
+        values, indices = probs.float().topk(min(top_k, probs.shape[1]), dim=1)
+        return [
+            [(name(i), p) for p, i in zip(row_p, row_i, strict=True)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+
+# A minimal valid config, to see which parameters a class creates.
+_PROBE_CFG = dict(encoder_layers=1, encoder_embed_dim=8, encoder_ffn_embed_dim=8,
+                  encoder_attention_heads=1, embed_dim=8, conv_pos=2, conv_pos_groups=1,
+                  quant_n=2, quant_dim=2)
+_TOKENIZER_CLASSES: dict[type, bool | None] = {}
+
+
+def _loads_tokenizers(cls: type[BEATs]) -> bool | None:
+    """Whether ``cls`` is an acoustic tokenizer class (its models have the quantizer keys).
+
+    Decided from what the class builds (a tiny model on the meta device), so subclasses
+    need not declare it; None when the class cannot be built that way.
+    """
+    if cls not in _TOKENIZER_CLASSES:
+        try:
+            with torch.device("meta"):
+                probe = cls(BEATsConfig(**_PROBE_CFG))
+            _TOKENIZER_CLASSES[cls] = checkpoint.is_tokenizer_state_dict(probe.state_dict())
+        except Exception:
+            _TOKENIZER_CLASSES[cls] = None
+    return _TOKENIZER_CLASSES[cls]
+
+
+def _build_for_loading(cls: type[BEATs], cfg: BEATsConfig) -> BEATs:
+    """``cls(cfg)`` with uninitialised tensors, for a caller that loads every one of them.
+
+    Skips the random initialisation (seconds for the large models) by building on the meta
+    device. Falls back to a normal build when some tensor would not be loaded: a
+    non-persistent buffer, or a plain tensor attribute computed in ``__init__``.
+    """
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception:
+        return cls(cfg)
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()) or any(
+        isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+        for module in model.modules()
+        for value in vars(module).values()
+    ):
+        return cls(cfg)
+    return model.to_empty(device="cpu")

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from beats import BEATs, BEATsConfig
+from .servers import HubServer
+
+# No test may reach the internet or a user's caches or tokens. huggingface_hub reads its
+# settings when first imported, so they are fixed here, before anything imports it: its
+# endpoint is a hub-like server on 127.0.0.1 for the whole session, its home a temporary
+# folder. The beats cache also points to a temporary folder.
+assert "huggingface_hub" not in sys.modules, "huggingface_hub was imported before conftest"
+HUB = HubServer()
+_TMP = Path(tempfile.mkdtemp(prefix="beats-tests-"))
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+             "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_TOKEN_PATH",
+             "HF_HUB_ENABLE_HF_TRANSFER", "BEATS_REGISTRY", "HUGGINGFACE_CO_STAGING"):
+    os.environ.pop(_var, None)
+os.environ["HF_ENDPOINT"] = HUB.url
+os.environ["HF_HOME"] = str(_TMP / "hf-home")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["BEATS_CACHE"] = str(_TMP / "beats-cache")
+
+from beats import BEATs, BEATsConfig  # noqa: E402
+
+
+def pytest_unconfigure(config) -> None:
+    HUB.close()
+    shutil.rmtree(_TMP, ignore_errors=True)
+
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 MANIFEST = json.loads((REFERENCE / "manifest.json").read_text())

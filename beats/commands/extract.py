@@ -107,4 +107,6 @@ def run(args: argparse.Namespace) -> int:
 
 def default_model_name() -> str:
     """The registry's default checkpoint name."""
-    return "BEATs_iter3_plus_AS2M"
+    from ..registry import default_model
+
+    return default_model().name

@@ -1,0 +1,63 @@
+"""``beats tag``: the top AudioSet labels of audio files, with a fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_TAGGER = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tag",
+        help="top-k AudioSet labels per file (fine-tuned models)",
+        description="Print the most probable AudioSet classes of each file (files, folders "
+                    "or list files), as a table or JSON lines.",
+    )
+    p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
+    p.add_argument("-m", "--model", default=DEFAULT_TAGGER,
+                   help=f"a fine-tuned checkpoint (default: {DEFAULT_TAGGER})")
+    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..audio import AudioError, load_audio
+    from ..files import discover_inputs
+    from ..inputs import MIN_SAMPLES
+    from ..model import BEATs
+    from .extract import pick_device
+
+    try:
+        model = BEATs.from_pretrained(args.model, device=pick_device(args.device))
+        if model.predictor is None:
+            raise ValueError(f"{args.model} has no class head: tag needs a fine-tuned model "
+                             f"such as {DEFAULT_TAGGER}")
+        inputs = discover_inputs(args.inputs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"beats tag: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for item in inputs:
+        try:
+            wav, _ = load_audio(item.path)
+            wav = np.pad(wav, (0, max(0, MIN_SAMPLES - len(wav))))
+            labels = model.predict_labels(wav, top_k=args.top_k)[0]
+        except (AudioError, ValueError, RuntimeError) as e:
+            failed += 1
+            if args.json:
+                print(json.dumps({"path": str(item.path), "error": str(e)}))
+            else:
+                print(f"{item.path}\terror: {e}")
+            continue
+        if args.json:
+            print(json.dumps({"path": str(item.path),
+                              "labels": [[n, round(p, 6)] for n, p in labels]}))
+        else:
+            print(f"{item.path}\t" + "\t".join(f"{n} ({p:.3f})" for n, p in labels))
+    return 1 if failed else 0

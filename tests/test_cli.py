@@ -1,0 +1,168 @@
+"""The ``beats`` command line: ``beats models`` and ``beats convert``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from beats import BEATs
+from beats.cli import main
+
+from .conftest import HUB, REFERENCE, reference_model
+from .test_hub import _repo
+from .test_registry_download import _Payload
+from .test_save_load import assert_same_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def beats_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -m beats ARGS`` on this checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "beats", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
+
+
+def test_console_script_entry_point_is_the_cli_main(capsys):
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["beats"].partition(":")
+    entry = getattr(importlib.import_module(module), func)
+    assert entry is main
+    assert entry(["models", "--kind", "tokenizer"]) == 0
+    assert "Tokenizer_iter3_plus_AS2M" in capsys.readouterr().out
+
+
+def test_help_lists_the_subcommands():
+    done = beats_cli("--help")
+    assert done.returncode == 0
+    assert "models" in done.stdout and "convert" in done.stdout
+
+
+def test_no_subcommand_prints_usage(capsys):
+    assert main([]) == 2
+    assert "usage: beats" in capsys.readouterr().err
+
+
+def test_models_table_shows_default_and_cache(tmp_path, capsys):
+    reference_model("postnorm_gru").save_pretrained(tmp_path / "BEATs_iter3")  # as if cached
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "DEFAULT", "CACHED", "ALIASES"]
+    rows = {line.split()[0]: line.split() for line in lines[1:20]}
+    assert len(rows) == 19
+    assert rows["BEATs_iter3_plus_AS2M"][1:4] == ["pretrained", "*", "no"]
+    assert rows["BEATs_iter3"][1:3] == ["pretrained", "yes"]
+    assert rows["Tokenizer_iter2"][1:3] == ["tokenizer", "no"]
+    assert f"19 checkpoints, 1 cached in {tmp_path}" in lines
+
+
+def test_models_json(tmp_path, capsys):
+    assert main(["models", "--json", "--cache-dir", str(tmp_path), "--kind", "fine-tuned"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["cache_dir"] == str(tmp_path)
+    assert len(doc["models"]) == 10
+    first = doc["models"][0]
+    assert first["name"] == "BEATs_iter1_finetuned_on_AS2M_cpt1"
+    assert first["cached"] is False and first["sha256"] is None and first["license"] == "MIT"
+    assert first["cache_path"] == str(tmp_path / first["name"])
+    assert first["urls"][0].startswith("https://valle.blob.core.windows.net/share/BEATs/")
+
+
+def test_convert_writes_a_folder_that_loads_identically(tmp_path, waves, capsys):
+    assert main(["convert", str(REFERENCE / "finetuned.pt"), str(tmp_path / "out")]) == 0
+    assert "config.json, model.safetensors, labels.json" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "labels.json", "model.safetensors"
+    ]
+    assert_same_model(reference_model("finetuned"), BEATs.from_pretrained(tmp_path / "out"),
+                      waves["wav.0"])
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(REFERENCE / "finetuned.pt"), str(out)]) == 0
+    assert main(["convert", str(REFERENCE / "postnorm_gru.pt"), str(out)]) == 1
+    assert "already holds a model (model.safetensors); pass --force" in capsys.readouterr().err
+    assert BEATs.from_pretrained(out).predictor is not None  # untouched
+    assert main(["convert", str(REFERENCE / "postnorm_gru.pt"), str(out), "--force"]) == 0
+    assert BEATs.from_pretrained(out).predictor is None
+    assert not (out / "labels.json").exists()
+
+
+def test_convert_missing_input(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope.pt"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"beats convert: error: no checkpoint file at {tmp_path / 'nope.pt'}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_output_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    assert main(["convert", str(REFERENCE / "finetuned.pt"), str(tmp_path / "out")]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_convert_truncated_file_names_it(tmp_path, capsys):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((REFERENCE / "finetuned.pt").read_bytes()[:1000])
+    assert main(["convert", str(cut), str(tmp_path / "out")]) == 1
+    assert f"{cut} is truncated or corrupt" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_code_carrying_pickle_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    _Payload.marker = str(marker)
+    evil = tmp_path / "evil.pt"
+    ckpt = torch.load(REFERENCE / "postnorm_gru.pt", weights_only=True)
+    torch.save({**ckpt, "x": _Payload()}, evil, pickle_protocol=2)
+    assert main(["convert", str(evil), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "evil.pt is not a plain-tensor checkpoint: loading it would run code" in err
+    assert "beats convert" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_tokenizer_uses_the_tokenizer_class(tmp_path, capsys):
+    try:
+        tokenizer_cls = importlib.import_module("beats.tokenizer").BEATsTokenizer
+    except ModuleNotFoundError:
+        tokenizer_cls = None
+    code = main(["convert", str(REFERENCE / "tokenizer.pt"), str(tmp_path / "out")])
+    if tokenizer_cls is None:
+        assert code == 1
+        assert "tokenizer.pt is an acoustic tokenizer checkpoint" in capsys.readouterr().err
+    else:
+        assert code == 0
+        model = tokenizer_cls.from_pretrained(tmp_path / "out")
+        reference = tokenizer_cls.from_pretrained(REFERENCE / "tokenizer.pt")
+        sd, ref = model.state_dict(), reference.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+
+
+def test_acceptance_convert_save_reload_from_folder_and_hub(tmp_path, waves):
+    """A Microsoft .pt, converted with `beats convert`, saved, reloaded from the folder and
+    from a hub-style repo: outputs bit-identical to the .pt's."""
+    pt = REFERENCE / "finetuned.pt"
+    original = BEATs.from_pretrained(pt)
+    out = tmp_path / "converted"
+    done = beats_cli("convert", str(pt), str(out))
+    assert done.returncode == 0, done.stderr
+    converted = BEATs.from_pretrained(out)
+    resaved = BEATs.from_pretrained(converted.save_pretrained(tmp_path / "resaved"))
+    repo = _repo()
+    HUB.commit(repo, {p.name: p.read_bytes() for p in (tmp_path / "resaved").iterdir()})
+    from_hub = BEATs.from_pretrained(repo, cache_dir=tmp_path / "hf")
+    clips = [waves[f"wav.{i}"] for i in range(3)]
+    for model in (converted, resaved, from_hub):
+        assert_same_model(original, model, waves["wav.4"])
+        for clip in clips:
+            assert_same_model(original, model, clip)
