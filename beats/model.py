@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +74,8 @@ class BEATs(nn.Module):
     Build one from a config (random weights, the original's initialisation) or load
     released weights with `from_pretrained`. Use `extract_features` on 16 kHz audio.
     """
+
+    is_tokenizer: ClassVar[bool] = False  # True for BEATsTokenizer: loads tokenizer files
 
     def __init__(self, cfg: BEATsConfig | None = None) -> None:
         super().__init__()
@@ -220,7 +222,7 @@ class BEATs(nn.Module):
         all carry an extra ``encoder.`` prefix when that is the only difference.
         """
         is_tokenizer = checkpoint.is_tokenizer_state_dict(state_dict)
-        if _loads_tokenizers(cls) not in (None, is_tokenizer):
+        if cls.is_tokenizer != is_tokenizer:
             raise ValueError(hub.kind_mismatch(source, is_tokenizer))
         model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
         if checkpoint.is_tokenizer_state_dict(model.state_dict()) != is_tokenizer:
@@ -273,7 +275,7 @@ class BEATs(nn.Module):
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             convert=convert,
-            tokenizer=_loads_tokenizers(cls),
+            tokenizer=cls.is_tokenizer,
         )
         if found.pt is not None:
             model = cls.from_microsoft_checkpoint(checkpoint.load_pt(found.pt), found.source)
@@ -363,29 +365,6 @@ class BEATs(nn.Module):
             [(name(i), p) for p, i in zip(row_p, row_i, strict=True)]
             for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
-
-
-# A minimal valid config, to see which parameters a class creates.
-_PROBE_CFG = dict(encoder_layers=1, encoder_embed_dim=8, encoder_ffn_embed_dim=8,
-                  encoder_attention_heads=1, embed_dim=8, conv_pos=2, conv_pos_groups=1,
-                  quant_n=2, quant_dim=2)
-_TOKENIZER_CLASSES: dict[type, bool | None] = {}
-
-
-def _loads_tokenizers(cls: type[BEATs]) -> bool | None:
-    """Whether ``cls`` is an acoustic tokenizer class (its models have the quantizer keys).
-
-    Decided from what the class builds (a tiny model on the meta device), so subclasses
-    need not declare it; None when the class cannot be built that way.
-    """
-    if cls not in _TOKENIZER_CLASSES:
-        try:
-            with torch.device("meta"):
-                probe = cls(BEATsConfig(**_PROBE_CFG))
-            _TOKENIZER_CLASSES[cls] = checkpoint.is_tokenizer_state_dict(probe.state_dict())
-        except Exception:
-            _TOKENIZER_CLASSES[cls] = None
-    return _TOKENIZER_CLASSES[cls]
 
 
 def _build_for_loading(cls: type[BEATs], cfg: BEATsConfig) -> BEATs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ class BEATsTokenizer(BEATs):
     (Linear(C, C), tanh, Linear(C, quant_dim)), L2 normalisation and the nearest code of
     ``quantize`` (``quant_n`` codes). Loads Microsoft tokenizer ``.pt`` files.
     """
+
+    is_tokenizer: ClassVar[bool] = True
 
     def __init__(self, cfg: BEATsConfig | None = None) -> None:
         cfg = cfg if cfg is not None else BEATsConfig()
