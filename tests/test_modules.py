@@ -198,7 +198,10 @@ def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
         with_grad = attn(x, mask, bias)
     buffer = torch.full((2, 4, 40, 40), float("nan"))
     with torch.no_grad():
+        plain = attn(x, mask, bias)
         buffered = attn(x, mask, bias, buffer)
-    assert torch.allclose(with_grad, buffered, atol=1e-6, rtol=0)
+    assert torch.equal(plain, buffered)
+    # Autograd may pick another SDPA kernel: equal to float noise (outputs are ~3).
+    assert (with_grad - buffered).abs().max() < 1e-5
     if gru or padded:
         assert not buffer.isnan().any()  # the mask went into the buffer
