@@ -4,13 +4,17 @@ from .config import BEATsConfig
 from .fbank import fbank
 from .model import BEATs, BEATsOutput, patch_padding_mask
 from .modules import GradMultiply, quant_noise
+from .windows import WindowedOutput, extract_windowed, iter_windowed
 
 __all__ = [
     "BEATs",
     "BEATsConfig",
     "BEATsOutput",
     "GradMultiply",
+    "WindowedOutput",
+    "extract_windowed",
     "fbank",
+    "iter_windowed",
     "patch_padding_mask",
     "quant_noise",
 ]

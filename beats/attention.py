@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QuantNoiseLinear
+from .modules import QuantNoiseLinear, is_tracing
 
 
 def relative_position_buckets(
@@ -82,6 +82,10 @@ class MultiheadAttention(nn.Module):
 
     def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
         """The ungated bias P (H, S, S) for a sequence of ``length`` positions."""
+        if is_tracing():  # a traced graph computes them itself (length may be symbolic)
+            buckets = relative_position_buckets(length, self.num_buckets, self.max_distance,
+                                                device)
+            return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
         key = (length, device.type, device.index)
         buckets = self._buckets.get(key)
         if buckets is None:
@@ -187,5 +191,10 @@ class MultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        out = out.transpose(1, 2)  # (B, S, H, d): often contiguous already (CPU kernel)
+        if is_tracing():
+            # The ONNX exporter replaces SDPA by its math, whose output has another layout
+            # than the kernel traced; an explicit copy keeps the reshape below valid.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(batch, length, self.embed_dim)
         return self.out_proj(out)

@@ -10,7 +10,14 @@ from torch import nn
 
 from .attention import MultiheadAttention
 from .config import BEATsConfig
-from .modules import GLULinear, GradMultiply, SamePad, WeightNormConv1d, get_activation_fn
+from .modules import (
+    GLULinear,
+    GradMultiply,
+    SamePad,
+    WeightNormConv1d,
+    get_activation_fn,
+    is_tracing,
+)
 
 
 class EncoderLayer(nn.Module):
@@ -123,7 +130,7 @@ class TransformerEncoder(nn.Module):
         if self.relative_position_embedding and stop > 0:
             attn = self.layers[0].self_attn
             position_bias = attn.position_bias(x.shape[1], x.device)
-            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not torch.is_grad_enabled() and not is_tracing():
                 # One (B, H, S, S) buffer for every layer's gated mask: a fresh allocation
                 # of this size per layer costs more than writing it (page faults on CPU).
                 batch, length = x.shape[:2]

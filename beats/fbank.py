@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .modules import is_tracing
+
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400  # samples (25 ms)
 FRAME_SHIFT = 160  # samples (10 ms)
@@ -52,7 +54,7 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     float64 (float32 on MPS), the angle reduced modulo 512 in integers first.
     """
     key = (device.type, device.index)
-    if key not in _TABLES:
+    if key not in _TABLES or is_tracing():
         window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32).pow(0.85)
         low, high = _mel(20.0), _mel(SAMPLE_RATE / 2)
         delta = (high - low) / (NUM_MEL_BINS + 1)
@@ -69,8 +71,11 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         k = torch.arange(N_FFT // 2 + 1, dtype=torch.long)
         angle = (2 * math.pi / N_FFT) * (torch.outer(n, k) % N_FFT).to(torch.float64)
         dft = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
-        _TABLES[key] = (window.to(device), weights.t().contiguous().to(device),
-                        dft.to(device=device, dtype=_dft_dtype(device)))
+        tables = (window.to(device), weights.t().contiguous().to(device),
+                  dft.to(device=device, dtype=_dft_dtype(device)))
+        if is_tracing():  # traced: constants of this graph, not real tensors to keep
+            return tables
+        _TABLES[key] = tables
     return _TABLES[key]
 
 

@@ -12,6 +12,20 @@ from torch import nn
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def is_tracing() -> bool:
+    """True while torch.compile, torch.export or the ONNX exporter capture a graph.
+
+    Eager-only shortcuts (caches kept on modules, buffers reused in place) step aside
+    then: a captured graph plans its own memory and must not depend on Python state.
+    """
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        check = getattr(compiler, name, None)
+        if check is not None and check():
+            return True
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 class GradMultiply(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradient by ``scale``."""
 
