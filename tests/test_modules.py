@@ -205,3 +205,26 @@ def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
     assert (with_grad - buffered).abs().max() < 1e-5
     if gru or padded:
         assert not buffer.isnan().any()  # the mask went into the buffer
+
+
+def test_fused_projection_gradients_equal_the_original_computation():
+    """q/k/v and the gate logits come from one stacked product; gradients must not notice."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 40, 16)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    grads = []
+    for run in ("ours", "original"):
+        attn.zero_grad()
+        if run == "ours":
+            out = attn(x, mask, attn.position_bias(40, x.device))
+        else:
+            out = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
+        out.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in attn.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-4, rtol=1e-4), name
