@@ -85,7 +85,12 @@ class MultiheadAttention(nn.Module):
         if is_tracing():  # a traced graph computes them itself (length may be symbolic)
             buckets = relative_position_buckets(length, self.num_buckets, self.max_distance,
                                                 device)
-            return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
+        else:
+            buckets = self._cached_buckets(length, device)
+        # Contiguous once here rather than read strided by every layer's gate product.
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
+
+    def _cached_buckets(self, length: int, device: torch.device) -> torch.Tensor:
         key = (length, device.type, device.index)
         buckets = self._buckets.get(key)
         if buckets is None:
@@ -94,8 +99,7 @@ class MultiheadAttention(nn.Module):
             if len(self._buckets) >= 16:  # a handful of lengths at a time is the usual case
                 self._buckets.clear()
             self._buckets[key] = buckets
-        # Contiguous once here rather than read strided by every layer's gate product.
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
+        return buckets
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v (B, H, S, d) and the gate logits (B, H, S, 2) or None, in one product.

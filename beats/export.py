@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fbank import SAMPLE_RATE
 from .model import BEATs
-
-SAMPLE_RATE = 16000
-STEP_SAMPLES = 2560  # one 160 ms time step: 16 frames of 10 ms
+from .windows import STEP_SAMPLES
 
 
 class WaveformEncoder(nn.Module):
@@ -113,16 +112,13 @@ def export_onnx(
     Uses the ``torch.export``-based exporter (needs ``onnx`` and ``onnxscript``).
     """
     path = Path(path)
-    wrapper = WaveformEncoder(model).eval()
-    wav, lengths = example_inputs(batch, seconds)
-    wav, lengths = wav.to(model.device), lengths.to(model.device)
+    program = export_program(model, batch=batch, seconds=seconds, dynamic=dynamic)
     torch.onnx.export(
-        wrapper,
-        (wav, lengths),
+        program,
+        example_inputs(batch, seconds),
         str(path),
         input_names=["wav", "lengths"],
-        output_names=wrapper.output_names,
-        dynamic_shapes=_dynamic_shapes(dynamic),
+        output_names=WaveformEncoder(model).output_names,
         opset_version=opset_version,
         dynamo=True,
         external_data=False,

@@ -28,13 +28,12 @@ from typing import NamedTuple
 
 import torch
 
-from .fbank import num_frames
-from .inputs import ArrayLike, prepare_batch
+from .fbank import SAMPLE_RATE, num_frames
+from .inputs import MIN_SAMPLES, ArrayLike, prepare_batch
 from .model import PATCHES_PER_STEP, BEATs
 
-SAMPLE_RATE = 16000
 STEP_SAMPLES = 2560  # one time step: 16 frames of 10 ms
-STEP_SPAN = 2800  # samples one step reads: 15 shifts of 160 plus a 400-sample frame
+STEP_SPAN = MIN_SAMPLES  # 2800 samples one step reads: 15 shifts of 160 + a 400 frame
 
 
 class Window(NamedTuple):
