@@ -5,14 +5,20 @@ from .fbank import fbank
 from .model import BEATs, BEATsOutput, patch_padding_mask
 from .modules import GradMultiply, quant_noise
 from .registry import available_models
+from .tokenizer import BEATsTokenizer
+from .windows import WindowedOutput, extract_windowed, iter_windowed
 
 __all__ = [
     "BEATs",
     "BEATsConfig",
     "BEATsOutput",
+    "BEATsTokenizer",
     "GradMultiply",
+    "WindowedOutput",
     "available_models",
+    "extract_windowed",
     "fbank",
+    "iter_windowed",
     "patch_padding_mask",
     "quant_noise",
 ]

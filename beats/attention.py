@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QuantNoiseLinear
+from .modules import QuantNoiseLinear, is_tracing
 
 
 def relative_position_buckets(
@@ -82,6 +82,15 @@ class MultiheadAttention(nn.Module):
 
     def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
         """The ungated bias P (H, S, S) for a sequence of ``length`` positions."""
+        if is_tracing():  # a traced graph computes them itself (length may be symbolic)
+            buckets = relative_position_buckets(length, self.num_buckets, self.max_distance,
+                                                device)
+        else:
+            buckets = self._cached_buckets(length, device)
+        # Contiguous once here rather than read strided by every layer's gate product.
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
+
+    def _cached_buckets(self, length: int, device: torch.device) -> torch.Tensor:
         key = (length, device.type, device.index)
         buckets = self._buckets.get(key)
         if buckets is None:
@@ -90,38 +99,106 @@ class MultiheadAttention(nn.Module):
             if len(self._buckets) >= 16:  # a handful of lengths at a time is the usual case
                 self._buckets.clear()
             self._buckets[key] = buckets
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)
+        return buckets
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, H, S, d) and the gate logits (B, H, S, 2) or None, in one product.
+
+        The three projections are stacked into one weight. With the GRU gate, 2 H more
+        rows give its logits directly: the gate sums ``grep_linear``'s 8 outputs in two
+        groups of 4, so for head h and group a the logit is ``u_a . q_h + c_a`` with
+        ``u_a`` the summed rows of its weight and ``c_a`` its summed bias, and
+        ``q_h = Wq_h x + bq_h`` makes that one more linear function of x. Same values as
+        the original's order of operations, to float rounding.
+
+        The stacked weight is built on every call (a copy of 3 C^2 numbers, cheap next to
+        the product), so it follows training, ``load_state_dict`` and quantisation noise
+        without any cache; the state-dict keys are unchanged.
+        """
+        batch, length, _ = x.shape
+        heads, d, dim = self.num_heads, self.head_dim, self.embed_dim
+        weights = [p.noisy_weight() for p in (self.q_proj, self.k_proj, self.v_proj)]
+        biases = [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
+        if self.gru_rel_pos:
+            u = self.grep_linear.weight.view(2, 4, d).sum(1)  # (2, d)
+            c = self.grep_linear.bias.view(2, 4).sum(1)  # (2,)
+            wq, bq = weights[0].view(heads, d, dim), biases[0].view(heads, d)
+            weights.append(torch.einsum("ad,hdc->hac", u, wq).reshape(2 * heads, dim))
+            biases.append((torch.einsum("ad,hd->ha", u, bq) + c).reshape(2 * heads))
+        out = F.linear(x, torch.cat(weights), torch.cat(biases))
+        qkv = out[..., : 3 * dim].view(batch, length, 3, heads, d)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        gate_logits = None
+        if self.gru_rel_pos:
+            gate_logits = out[..., 3 * dim:].view(batch, length, heads, 2).transpose(1, 2)
+        return q, k, v, gate_logits
+
+    def attention_mask(
+        self,
+        gate_logits: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | None,
+        *,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The additive score mask ``G * P`` (-inf at padded keys) for SDPA, or None.
+
+        Args:
+            gate_logits: (B, H, S, 2) the GRU gate's two logits per head and query, or
+                None without the gate (G = 1).
+            key_padding_mask: (B, S) True at padding, or None when nothing is padded.
+            position_bias: (H, S, S) ungated bias P, or None.
+            dtype: the mask's dtype (the queries').
+            out: optional (B, H, S, S) buffer to write the mask into when it has to be
+                materialised (outside autograd only); saves a large allocation per layer.
+
+        Returns:
+            None, or a mask broadcastable to (B, H, S, S): (B, 1, 1, S) padding only,
+            (1, H, S, S) an ungated bias, else (B, H, S, S).
+        """
+        neg = None
+        if key_padding_mask is not None:
+            batch, length = key_padding_mask.shape
+            neg = torch.zeros(batch, 1, 1, length, dtype=dtype, device=key_padding_mask.device)
+            neg = neg.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if position_bias is None:
+            return neg
+        bias = position_bias.to(dtype).unsqueeze(0)  # (1, H, S, S)
+        if gate_logits is None:
+            if neg is None:
+                return bias
+            return torch.add(bias, neg, out=out) if out is not None else bias + neg
+        gate_a, gate_b = torch.sigmoid(gate_logits).chunk(2, dim=-1)  # (B, H, S, 1) each
+        gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0
+        if out is None:
+            return gate * bias if neg is None else torch.addcmul(neg, gate, bias)
+        torch.mul(gate, bias, out=out)
+        return out if neg is None else out.add_(neg)
 
     def forward(
         self,
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         position_bias: torch.Tensor | None = None,
+        mask_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)."""
+        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S).
+
+        ``mask_buffer``: see `attention_mask`. Attention runs through
+        ``scaled_dot_product_attention`` with the mask as an additive float mask.
+        """
         batch, length, _ = x.shape
-        heads, d = self.num_heads, self.head_dim
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, heads, d).transpose(1, 2)  # (B, H, S, d)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-
-        bias: torch.Tensor | None = None
-        if position_bias is not None:
-            bias = position_bias.to(q.dtype).unsqueeze(0)  # (1, H, S, S)
-            if self.gru_rel_pos:
-                z = self.grep_linear(q).view(batch, heads, length, 2, 4).sum(-1)
-                gate_a, gate_b = torch.sigmoid(z).chunk(2, dim=-1)  # (B, H, S, 1) each
-                gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0
-                bias = gate * bias  # (B, H, S, S)
-        if key_padding_mask is not None:
-            neg = torch.zeros(batch, 1, 1, length, dtype=q.dtype, device=q.device)
-            neg = neg.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            bias = neg if bias is None else bias + neg
-
+        q, k, v, gate_logits = self._projections(x)
+        mask = self.attention_mask(gate_logits, key_padding_mask, position_bias,
+                                   dtype=q.dtype, out=mask_buffer)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        out = out.transpose(1, 2)  # (B, S, H, d): often contiguous already (CPU kernel)
+        if is_tracing():
+            # The ONNX exporter replaces SDPA by its math, whose output has another layout
+            # than the kernel traced; an explicit copy keeps the reshape below valid.
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(batch, length, self.embed_dim)
         return self.out_proj(out)

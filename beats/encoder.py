@@ -10,7 +10,14 @@ from torch import nn
 
 from .attention import MultiheadAttention
 from .config import BEATsConfig
-from .modules import GLULinear, GradMultiply, SamePad, WeightNormConv1d, get_activation_fn
+from .modules import (
+    GLULinear,
+    GradMultiply,
+    SamePad,
+    WeightNormConv1d,
+    get_activation_fn,
+    is_tracing,
+)
 
 
 class EncoderLayer(nn.Module):
@@ -50,15 +57,18 @@ class EncoderLayer(nn.Module):
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         position_bias: torch.Tensor | None = None,
+        mask_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)."""
         if self.layer_norm_first:
-            x = x + self.dropout1(
-                self.self_attn(self.self_attn_layer_norm(x), key_padding_mask, position_bias)
-            )
+            x = x + self.dropout1(self.self_attn(
+                self.self_attn_layer_norm(x), key_padding_mask, position_bias, mask_buffer
+            ))
             return x + self._feed_forward(self.final_layer_norm(x))
-        attn = self.self_attn(x, key_padding_mask, position_bias)
-        x = self.self_attn_layer_norm(x * self.alpha + self.dropout1(attn))
-        return self.final_layer_norm(x * self.alpha + self._feed_forward(x))
+        attn = self.self_attn(x, key_padding_mask, position_bias, mask_buffer)
+        # torch.add(y, x, alpha=a) is y + a * x in one pass.
+        x = self.self_attn_layer_norm(torch.add(self.dropout1(attn), x, alpha=self.alpha))
+        return self.final_layer_norm(torch.add(self._feed_forward(x), x, alpha=self.alpha))
 
 
 class TransformerEncoder(nn.Module):
@@ -96,7 +106,8 @@ class TransformerEncoder(nn.Module):
 
         Args:
             x: (B, S, C) encoder input (after patch embedding and projection).
-            padding_mask: (B, S) bool, True at padded positions.
+            padding_mask: (B, S) bool, True at padded positions; None (faster) when no
+                position is padded.
             output_hidden_states: also return the L + 1 hidden states (or k + 1 with
                 ``output_layer=k``): state 0 after the positional convolution, state j the
                 output of layer j, all before the final pre-norm LayerNorm.
@@ -115,15 +126,21 @@ class TransformerEncoder(nn.Module):
 
         stop = len(self.layers) if output_layer is None else output_layer
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
-        position_bias = None
+        position_bias = mask_buffer = None
         if self.relative_position_embedding and stop > 0:
-            position_bias = self.layers[0].self_attn.position_bias(x.shape[1], x.device)
+            attn = self.layers[0].self_attn
+            position_bias = attn.position_bias(x.shape[1], x.device)
+            if not torch.is_grad_enabled() and not is_tracing():
+                # One (B, H, S, S) buffer for every layer's gated mask: a fresh allocation
+                # of this size per layer costs more than writing it (page faults on CPU).
+                batch, length = x.shape[:2]
+                mask_buffer = x.new_empty(batch, attn.num_heads, length, length)
         for layer in self.layers[:stop]:
             if self.grad_decay != 1.0 and torch.is_grad_enabled():
                 x = GradMultiply.apply(x, self.grad_decay)
             skip = self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop
             if not skip:
-                x = layer(x, padding_mask, position_bias)
+                x = layer(x, padding_mask, position_bias, mask_buffer)
             if output_hidden_states:
                 hidden.append(x)
         if self.layer_norm_first and output_layer is None:

@@ -154,32 +154,92 @@ class BEATs(nn.Module):
                 not run, and neither the pre-norm final LayerNorm nor the class head is.
 
         Each clip's outputs are the same alone or in any padded batch (exact patch-level
-        masking; the original misaligns it). Runs under the caller's grad mode.
+        masking; the original misaligns it). Runs under the caller's grad mode, so it
+        serves fine-tuning too; for inference `embed` is the same under
+        ``torch.inference_mode``.
         """
-        num_layers = self.cfg.encoder_layers
-        if output_layer is not None:
-            if not -num_layers - 1 <= output_layer <= num_layers:
-                raise ValueError(
-                    f"output_layer={output_layer} is out of range: this model has "
-                    f"{num_layers} layers (use 0..{num_layers}, or negative from the end)"
-                )
-            output_layer %= num_layers + 1
-        features, lengths_t = self.preprocess(wav, padding_mask, lengths=lengths)
+        output_layer = self._layer_index(output_layer)
+        wav_t, lengths_t = prepare_batch(wav, padding_mask, lengths, device=self.device)
+        return self.forward_waveform(
+            wav_t, lengths_t, output_hidden_states=output_hidden_states,
+            output_layer=output_layer,
+        )
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        wav: ArrayLike,
+        padding_mask: ArrayLike | None = None,
+        *,
+        lengths: ArrayLike | None = None,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+    ) -> BEATsOutput:
+        """`extract_features` under ``torch.inference_mode``: the inference entry point.
+
+        Same arguments and outputs. The outputs are inference tensors: they cannot be
+        saved for a later backward pass (``.clone()`` them outside inference mode to
+        train a head on them, or use `extract_features` under ``torch.no_grad``).
+        """
+        return self.extract_features(
+            wav, padding_mask, lengths=lengths, output_hidden_states=output_hidden_states,
+            output_layer=output_layer,
+        )
+
+    def forward_waveform(
+        self,
+        wav: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+        mask_keys: bool | None = None,
+    ) -> BEATsOutput:
+        """The computation on checked tensors, without input checks (see `extract_features`).
+
+        Args:
+            wav: (B, N) float32 samples in [-1, 1], zero past each clip's length.
+            lengths: (B,) int64 valid samples per clip, each >= 2800.
+            output_hidden_states, output_layer: as in `extract_features` (``output_layer``
+                in 0..L).
+            mask_keys: give attention the key padding mask. None decides from the data
+                (one host sync): only when some position is padded. Traced graphs pass
+                True, which gives the same result for any lengths.
+        """
+        features, _ = fbank(wav, lengths)
         x = self.embed_patches(features)
-        mask = patch_padding_mask(lengths_t, x.shape[1])
+        mask = patch_padding_mask(lengths, x.shape[1])
+        if mask_keys is None:
+            mask_keys = bool(mask.any())
         x, hidden = self.encoder(
-            x, mask, output_hidden_states=output_hidden_states, output_layer=output_layer
+            x, mask if mask_keys else None, output_hidden_states=output_hidden_states,
+            output_layer=output_layer,
         )
         keep = (~mask).unsqueeze(-1)
-        x = x * keep
+        if mask_keys:  # zero the padded positions (nothing to do without padding)
+            x = x * keep
+            hidden = tuple(h * keep for h in hidden)
         out = BEATsOutput(features=x, padding_mask=mask)
         if output_hidden_states:
-            out.hidden_states = tuple(h * keep for h in hidden)
+            out.hidden_states = hidden
         if self.predictor is not None and output_layer is None:
-            scores = self.predictor(self.predictor_dropout(x)) * keep
-            out.logits = scores.sum(dim=1) / keep.sum(dim=1).to(scores.dtype)
+            # Pooled in float32 whatever the model's dtype; logits and probs are float32.
+            scores = self.predictor(self.predictor_dropout(x)).float() * keep
+            out.logits = scores.sum(dim=1) / keep.sum(dim=1)
             out.probs = torch.sigmoid(out.logits)
         return out
+
+    def _layer_index(self, output_layer: int | None) -> int | None:
+        """``output_layer`` checked and mapped to 0..L (negative counts from the end)."""
+        num_layers = self.cfg.encoder_layers
+        if output_layer is None:
+            return None
+        if not -num_layers - 1 <= output_layer <= num_layers:
+            raise ValueError(
+                f"output_layer={output_layer} is out of range: this model has "
+                f"{num_layers} layers (use 0..{num_layers}, or negative from the end)"
+            )
+        return output_layer % (num_layers + 1)
 
     forward = extract_features
 

@@ -65,3 +65,15 @@ def test_on_gpu_matches_cpu(waves):  # pragma: no cover - CPU CI
     cpu, _ = fbank(wav)
     gpu, _ = fbank(wav.cuda())
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
+
+
+def test_dft_product_equals_fft():
+    from beats.fbank import _tables
+
+    _, _, dft = _tables(torch.device("cpu"))
+    frames = torch.randn(64, 400, dtype=torch.float64) * 3000
+    spectrum = torch.fft.rfft(frames, n=512)
+    want = spectrum.real.square() + spectrum.imag.square()
+    parts = (frames @ dft).square()
+    got = parts[:, :257] + parts[:, 257:]
+    assert ((got - want).abs() / want.max()).max() < 1e-13

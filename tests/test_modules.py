@@ -179,3 +179,52 @@ def test_quant_noise_conv2d():
     x = torch.randn(1, 8, 5, 5)
     assert torch.equal(noisy.eval()(x), conv(x))
     assert not torch.equal(noisy.train()(x), conv(x))
+
+
+@pytest.mark.parametrize("gru", [True, False])
+@pytest.mark.parametrize("padded", [True, False])
+def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
+    """The encoder's no-grad path writes masks into a shared buffer; same values as autograd's."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=gru).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 40, 16)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None] if padded else None
+    bias = attn.position_bias(40, x.device)
+    with torch.enable_grad():
+        with_grad = attn(x, mask, bias)
+    buffer = torch.full((2, 4, 40, 40), float("nan"))
+    with torch.no_grad():
+        plain = attn(x, mask, bias)
+        buffered = attn(x, mask, bias, buffer)
+    assert torch.equal(plain, buffered)
+    # Autograd may pick another SDPA kernel: equal to float noise (outputs are ~3).
+    assert (with_grad - buffered).abs().max() < 1e-5
+    if gru or padded:
+        assert not buffer.isnan().any()  # the mask went into the buffer
+
+
+def test_fused_projection_gradients_equal_the_original_computation():
+    """q/k/v and the gate logits come from one stacked product; gradients must not notice."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 40, 16)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    grads = []
+    for run in ("ours", "original"):
+        attn.zero_grad()
+        if run == "ours":
+            out = attn(x, mask, attn.position_bias(40, x.device))
+        else:
+            out = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
+        out.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in attn.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-4, rtol=1e-4), name

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from beats import BEATs
+from beats import BEATs, BEATsTokenizer
 from beats.download import ChecksumError
 
 from .conftest import REFERENCE, reference_model
 from .servers import FileServer
-from .test_save_load import _TokenizerLike, assert_same_model
+from .test_save_load import assert_same_model
 
 FILES = {name: (REFERENCE / f"{name}.pt").read_bytes()
          for name in ("finetuned", "postnorm_gru", "tokenizer")}
@@ -143,7 +143,7 @@ def test_tokenizer_entry_is_refused_before_downloading(mirror, tmp_path):
 
 def test_encoder_entry_is_refused_for_a_tokenizer_class_before_downloading(mirror, tmp_path):
     with pytest.raises(ValueError, match="Tiny is a BEATs encoder checkpoint"):
-        _TokenizerLike.from_pretrained("Tiny", cache_dir=tmp_path)
+        BEATsTokenizer.from_pretrained("Tiny", cache_dir=tmp_path)
     assert mirror.requests == []
 
 

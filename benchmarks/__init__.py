@@ -1,0 +1,1 @@
+"""Benchmarks: the baseline re-implementation of the original and the throughput script."""

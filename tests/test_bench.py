@@ -1,0 +1,43 @@
+"""The benchmark cannot rot: its baseline is the original computation, and it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from beats import BEATsConfig
+from benchmarks import bench
+from benchmarks.original import OriginalBEATs
+
+from .conftest import ENCODER_CASES, NUM_WAVES, reference_model
+
+
+@pytest.mark.parametrize("case", ENCODER_CASES)
+def test_baseline_reproduces_the_reference_vectors(case, waves, expected):
+    """benchmarks/original.py is faithful: it meets the README tolerance on every stage."""
+    baseline = OriginalBEATs(reference_model(case))
+    ref = expected[case]
+    for i in range(NUM_WAVES):
+        features, hidden = baseline(waves[f"wav.{i}"].unsqueeze(0))
+        for j, h in enumerate(hidden):
+            assert (h[0] - ref[f"hidden.{i}.{j}"]).abs().max() <= 1e-4, (i, j)
+        if f"features.{i}" in ref:
+            assert (features[0] - ref[f"features.{i}"]).abs().max() <= 1e-4
+
+
+def test_flop_count_of_the_base_model():
+    cfg = BEATsConfig(**bench.BASE)
+    # 10 s clip: 998 frames, 62 steps, S = 496. Hand count of the docstring's formula:
+    # patch 130023424 + projection 390070272 + positional conv 4680843264
+    # + 12 x (2340421632 + 4680843264 + 755761152 + 6094848)
+    assert bench.model_flops(cfg, 496) == 98_598_387_712
+
+
+def test_quick_run_prints_the_table(capsys):
+    rows = bench.main(["--quick", "--long-minutes", "0.2"])
+    text = capsys.readouterr().out
+    assert "| path | audio s/s | GFLOP/s |" in text and "long audio" in text
+    by_path = {r["path"]: r for r in rows}
+    assert set(by_path) == {"baseline", "fast-fp32", "fast-bf16", "windowed"}
+    assert by_path["fast-fp32"]["max_diff"] <= 1e-4
+    assert by_path["fast-bf16"]["min_cos"] >= 0.999
+    assert all(r["audio_per_s"] > 0 for r in rows)
