@@ -35,8 +35,9 @@ from .manifest import (
     latest_by_key,
     read_manifest,
 )
-from .model import PATCHES_PER_STEP, BEATs
+from .model import PATCHES_PER_STEP, BEATs, BEATsOutput
 from .pooling import PoolingSpec, pool, step_centres
+from .windows import SAMPLE_RATE, iter_windowed
 
 log = logging.getLogger("beats.extract")
 
@@ -59,8 +60,11 @@ class ExtractOptions:
             best for a few thousand files or random access) or ``safetensors`` (shards of
             ``shard_size`` inputs: best for millions of files or training pipelines).
         shard_size: inputs per safetensors shard.
-        window, hop: seconds; a file longer than ``window`` is embedded in windows (see
-            `beats.windows`), else whole. None embeds every file whole.
+        window, hop: seconds. A file longer than ``window`` (default 10 s, the clip
+            length BEATs was trained on) is embedded in overlapping windows and stitched
+            (see `beats.windows`): memory stays bounded whatever the file's length. Files
+            up to ``window`` are embedded whole, exactly as ``extract_features``. ``hop``
+            defaults to 80 % of the window; ``window=None`` embeds every file whole.
         resume: skip inputs whose outputs are complete; redo the rest.
         tokens: write acoustic token ids (T, 8) int64 instead of embeddings; the model
             must be a `BEATsTokenizer` and ``pooling`` is ignored.
@@ -72,7 +76,7 @@ class ExtractOptions:
     prefetch: int = 2
     output_format: str = "npy"
     shard_size: int = 1000
-    window: float | None = None
+    window: float | None = 10.0
     hop: float | None = None
     resume: bool = False
     tokens: bool = False
@@ -86,6 +90,8 @@ class ExtractOptions:
             raise ValueError(f"window {self.window} s is shorter than the model's 0.175 s")
         if self.hop is not None and (self.window is None or not 0 < self.hop <= self.window):
             raise ValueError("hop needs a window and must lie in (0, window]")
+        if self.window is not None and self.hop is None:
+            self.hop = round(0.8 * self.window, 3)
 
     def fingerprint(self, model_name: str) -> dict[str, Any]:
         """What must match for a resumed run to reuse earlier outputs."""
@@ -315,33 +321,85 @@ def _distributed() -> tuple[int, int]:
 def _embed_batch(
     model: BEATs, loaded: list[_Loaded], options: ExtractOptions
 ) -> Iterator[tuple[_Loaded, np.ndarray, np.ndarray | None, bool]]:
-    """Yield (loaded, embedding or tokens, centre times or None, padded?) for a batch."""
-    clips, padded = [], []
+    """Yield (loaded, embedding or tokens, centre times or None, padded?) for a batch.
+
+    Files longer than the window go one at a time through `_embed_long`; the rest run as
+    one padded batch.
+    """
+    limit = None if options.window is None else round(options.window * SAMPLE_RATE)
+    batch = []
     for item in loaded:
+        if limit is not None and len(item.wav) > limit:
+            yield item, *_embed_long(model, item.wav, options), False
+        else:
+            batch.append(item)
+    if not batch:
+        return
+    clips, padded = [], []
+    for item in batch:
         wav = item.wav
         short = len(wav) < MIN_SAMPLES
         if short:
             wav = np.pad(wav, (0, MIN_SAMPLES - len(wav)))
         clips.append(torch.from_numpy(wav))
         padded.append(short)
-    spec = options.pooling
     with torch.inference_mode():
         if options.tokens:
             labels, mask = model.extract_labels(clips)
             steps = (~mask).sum(dim=1) // PATCHES_PER_STEP
-            arrays = [labels[b, : 8 * int(n)].view(int(n), PATCHES_PER_STEP)
+            arrays = [labels[b, : PATCHES_PER_STEP * int(n)].view(int(n), PATCHES_PER_STEP)
                       for b, n in enumerate(steps)]
         else:
-            out = model.extract_features(clips, output_hidden_states=spec.needs_hidden_states)
-            arrays = pool(out, spec, model.cfg.encoder_layers)
-    for item, result, short in zip(loaded, arrays, padded, strict=True):
+            out = model.extract_features(
+                clips, output_hidden_states=options.pooling.needs_hidden_states
+            )
+            arrays = pool(out, options.pooling, model.cfg.encoder_layers)
+    for item, result, short in zip(batch, arrays, padded, strict=True):
         array = result.cpu().numpy()
-        times = None
-        if options.tokens or (spec.time_resolved and spec.layers == "last"):
-            times = step_centres(array.shape[0])
-        elif spec.time_resolved:  # (layers, T, ...)
-            times = step_centres(array.shape[1])
-        yield item, array, times, short
+        yield item, array, _times(array, options), short
+
+
+def _times(array: np.ndarray, options: ExtractOptions) -> np.ndarray | None:
+    """Step centre times of a time-resolved output, else None."""
+    spec = options.pooling
+    if options.tokens or (spec.time_resolved and spec.layers == "last"):
+        return step_centres(array.shape[0])
+    if spec.time_resolved:  # (layers, T, ...)
+        return step_centres(array.shape[1])
+    return None
+
+
+def _embed_long(
+    model: BEATs, wav: np.ndarray, options: ExtractOptions
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One long file in windows (`beats.windows`), stitched, then pooled or tokenized."""
+    assert options.window is not None and options.hop is not None
+    spec = options.pooling
+    layers = None if options.tokens else spec.layer_indices(model.cfg.encoder_layers)
+    pieces = [
+        piece for _, piece in iter_windowed(
+            model, wav, window_s=options.window, hop_s=options.hop,
+            batch_size=options.batch_size,
+            output_layer=None if layers is None else max(layers),
+            output_hidden_states=layers is not None,
+        )
+    ]
+    with torch.inference_mode():
+        if options.tokens:
+            ids = model.tokens_from_features(torch.cat(pieces).unsqueeze(0))[0]
+            array = ids.view(-1, PATCHES_PER_STEP).cpu().numpy()
+            return array, _times(array, options)
+        if layers is None:
+            features = torch.cat(pieces).unsqueeze(0)  # (1, S, C)
+            hidden = None
+        else:
+            states = torch.cat(pieces, dim=1)  # (k + 1, S, C)
+            features = states[-1].unsqueeze(0)
+            hidden = tuple(h.unsqueeze(0) for h in states)
+        mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
+        out = BEATsOutput(features=features, padding_mask=mask, hidden_states=hidden)
+        array = pool(out, spec, model.cfg.encoder_layers)[0].cpu().numpy()
+    return array, _times(array, options)
 
 
 def _embed_isolating_failures(

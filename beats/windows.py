@@ -110,8 +110,12 @@ def iter_windowed(
     hop_s: float = 8.0,
     batch_size: int = 8,
     output_layer: int | None = None,
+    output_hidden_states: bool = False,
 ) -> Iterator[tuple[Window, torch.Tensor]]:
     """Yield ``(window, features (8 * (keep_stop - keep_start), C))`` in time order.
+
+    With ``output_hidden_states=True`` each piece is the hidden states instead,
+    (L + 1, 8 * (keep_stop - keep_start), C) (or k + 1 with ``output_layer=k``).
 
     The pieces, concatenated, are `extract_windowed`'s features; memory stays that of one
     batch of ``batch_size`` windows whatever the file's length.
@@ -121,7 +125,7 @@ def iter_windowed(
         wav: (N,) one clip of 16 kHz samples (tensor or numpy, float or int PCM).
         window_s, hop_s: window length and hop in seconds (see `plan_windows`).
         batch_size: windows per forward pass.
-        output_layer: as in `BEATs.extract_features`.
+        output_layer, output_hidden_states: as in `BEATs.extract_features`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
@@ -136,11 +140,15 @@ def iter_windowed(
         if len(windows) == 1:
             span = audio.shape[0]  # the whole clip: identical to embedding it directly
         batch = torch.stack([audio[STEP_SAMPLES * w.start :][:span] for w in group])
-        features = model.embed(batch, output_layer=output_layer).features
-        for w, f in zip(group, features, strict=True):
-            keep = f[PATCHES_PER_STEP * (w.keep_start - w.start) :
-                     PATCHES_PER_STEP * (w.keep_stop - w.start)]
-            yield w, keep
+        out = model.embed(batch, output_layer=output_layer,
+                          output_hidden_states=output_hidden_states)
+        for i, w in enumerate(group):
+            lo = PATCHES_PER_STEP * (w.keep_start - w.start)
+            hi = PATCHES_PER_STEP * (w.keep_stop - w.start)
+            if output_hidden_states:
+                yield w, torch.stack([h[i, lo:hi] for h in out.hidden_states])
+            else:
+                yield w, out.features[i, lo:hi]
 
 
 def extract_windowed(

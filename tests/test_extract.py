@@ -251,3 +251,34 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     for p in single.glob("*.npy"):
         assert np.array_equal(np.load(p), np.load(multi / p.name)), p.name
     assert json.loads((multi / "run.json").read_text())["model"] == MODEL
+
+
+@needs_sox
+def test_long_files_are_windowed_and_stitched(tmp_path):
+    from beats import extract_windowed
+
+    src = tmp_path / "in"
+    src.mkdir()
+    sox_tone(src / "long.wav", seconds=23.0, rate=16000, freq="100-6000")
+    sox_tone(src / "short.wav", seconds=4.0, rate=16000, freq="500")
+    model = reference_model("postnorm_gru")
+    spec = PoolingSpec(layers="all", time="none", freq="keep")
+    extract(model, [src], tmp_path / "win", ExtractOptions(pooling=spec, num_workers=0,
+                                                           window=6.0, hop=4.0), progress=False)
+    extract(model, [src], tmp_path / "whole", ExtractOptions(pooling=spec, num_workers=0,
+                                                             window=None), progress=False)
+    long_wav, _ = load_audio(src / "long.wav")
+    windowed = np.load(tmp_path / "win" / "long.wav.npy")  # (L + 1, T, 8, C)
+    steps = (1 + (len(long_wav) - 400) // 160) // 16
+    assert windowed.shape == (4, steps, 8, 48)
+    for k in (0, 3):  # every layer stitched like extract_windowed does it
+        ref = extract_windowed(model, long_wav, window_s=6.0, hop_s=4.0, output_layer=k)
+        assert np.abs(windowed[k].reshape(-1, 48) - ref.features.numpy()).max() < 1e-5
+        assert np.allclose(np.load(tmp_path / "win" / "long.wav.times.npy"), ref.step_times)
+    whole = np.load(tmp_path / "whole" / "long.wav.npy")
+    assert whole.shape == windowed.shape and np.abs(whole - windowed).max() > 1e-3
+    # a file shorter than the window is embedded whole either way
+    assert np.abs(np.load(tmp_path / "win" / "short.wav.npy")
+                  - np.load(tmp_path / "whole" / "short.wav.npy")).max() < 1e-5
+    default = ExtractOptions()
+    assert default.window == 10.0 and default.hop == 8.0

@@ -163,3 +163,20 @@ def test_tokenize_cli_equals_python_api(tmp_path, tokenizer):
     encoder_only = beats_cli("tokenize", str(src), "-o", str(tmp_path / "x"), "-m",
                              str(REFERENCE / "postnorm_gru.pt"), "-j", "0")
     assert encoder_only.returncode == 2
+
+
+def test_long_files_are_tokenized_in_windows(tmp_path, tokenizer):
+    from beats import extract_windowed
+    from beats.audio import load_audio
+    from beats.extract import ExtractOptions, extract
+
+    from .audio_files import sf_write
+
+    sf_write(tmp_path / "long.wav", seconds=14.0, seed=5)
+    extract(tokenizer, [tmp_path / "long.wav"], tmp_path / "out",
+            ExtractOptions(tokens=True, num_workers=0, window=5.0), progress=False)
+    got = np.load(tmp_path / "out" / "long.wav.npy")
+    wav, _ = load_audio(tmp_path / "long.wav")
+    stitched = extract_windowed(tokenizer, wav, window_s=5.0, hop_s=4.0).features
+    want = tokenizer.tokens_from_features(stitched.unsqueeze(0))[0].view(-1, 8).numpy()
+    assert got.shape == want.shape and np.array_equal(got, want)

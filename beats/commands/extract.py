@@ -41,9 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-pooling", default="mean", choices=TIME_POOLING)
     p.add_argument("--freq-pooling", default="mean", choices=FREQ_POOLING,
                    help="keep the 8 frequency patches of each 160 ms step, or average them")
-    p.add_argument("--window", type=float, default=None,
-                   help="seconds: embed files longer than this in windows (see README)")
-    p.add_argument("--hop", type=float, default=None, help="seconds between window starts")
+    p.add_argument("--window", type=float, default=10.0,
+                   help="seconds: files longer than this are embedded in overlapping windows "
+                        "and stitched (default 10, BEATs' training length; 0: whole files)")
+    p.add_argument("--hop", type=float, default=None,
+                   help="seconds between window starts (default: 80%% of the window)")
     p.add_argument("--format", dest="output_format", default="npy",
                    choices=("npy", "safetensors"))
     p.add_argument("--shard-size", type=int, default=1000, help="inputs per safetensors shard")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                                 freq=args.freq_pooling),
             batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch,
             output_format=args.output_format, shard_size=args.shard_size,
-            window=args.window, hop=args.hop, resume=args.resume,
+            window=args.window or None, hop=args.hop, resume=args.resume,
         )
     except ValueError as e:
         print(f"beats extract: {e}", file=sys.stderr)

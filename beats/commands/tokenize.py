@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--window", type=float, default=10.0,
+                   help="seconds: longer files are tokenized in windows (0: whole files)")
+    p.add_argument("--hop", type=float, default=None, help="default: 80%% of the window")
     p.add_argument("--format", dest="output_format", default="npy",
                    choices=("npy", "safetensors"))
     p.add_argument("--shard-size", type=int, default=1000)
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         options = ExtractOptions(tokens=True, batch_size=args.batch_size,
+                                 window=args.window or None, hop=args.hop,
                                  num_workers=args.workers, output_format=args.output_format,
                                  shard_size=args.shard_size, resume=args.resume)
         model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
