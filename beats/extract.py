@@ -462,6 +462,8 @@ def extract(
             adopted = _adopt_unrecorded(output_dir, todo, manifest)
             todo = [it for it in todo if it.key not in adopted]
         summary = Summary(skipped=len(mine) - len(todo))
+        log.info("rank %d/%d: %d inputs, %d already done, %d to embed into %s",
+                 rank, world, len(mine), summary.skipped, len(todo), output_dir)
         writer: _NpyWriter | _ShardWriter = (
             _NpyWriter(output_dir, manifest) if options.output_format == "npy"
             else _ShardWriter(output_dir, manifest, options.shard_size, rank)
@@ -478,11 +480,13 @@ def extract(
             good = [x for x in loaded if x.error is None]
             for x in loaded:
                 if x.error is not None:
+                    log.warning("failed: %s", x.error)
                     manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=x.error))
                     summary.failed += 1
                     summary.failures.append((str(x.item.path), x.error))
             for x, result in _embed_isolating_failures(model, good, options):
                 if isinstance(result, str):
+                    log.warning("failed: %s", result)
                     manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=result))
                     summary.failed += 1
                     summary.failures.append((str(x.item.path), result))
@@ -504,6 +508,7 @@ def extract(
         writer.close()
         bar.close()
     summary.seconds = time.perf_counter() - start
+    log.info("rank %d: %s", rank, summary)
     if world > 1:
         _merge_manifests(output_dir, rank, world)
     return summary

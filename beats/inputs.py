@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .audio import SAMPLE_RATE, resample
+
 MIN_SAMPLES = 2800  # 16 fbank frames = one 16 x 16 patch row (0.175 s at 16 kHz)
 
 # Integer PCM is converted from its full scale to [-1, 1) (as soundfile does).
@@ -63,6 +65,23 @@ def _pad_list(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
+def _resample_rows(
+    wav: torch.Tensor, lengths: torch.Tensor, sample_rate: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample each clip's valid samples from ``sample_rate`` to 16 kHz and re-pad."""
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+    rows = [
+        torch.from_numpy(resample(wav[b, : int(n)].cpu().numpy(), sample_rate))
+        for b, n in enumerate(lengths.tolist())
+    ]
+    new_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.zeros(len(rows), int(new_lengths.max()), dtype=torch.float32)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out.to(wav.device), new_lengths.to(wav.device)
+
+
 def _items(mask: torch.Tensor) -> list[int]:
     return mask.nonzero().flatten().tolist()
 
@@ -73,6 +92,7 @@ def prepare_batch(
     lengths: ArrayLike | None = None,
     *,
     device: torch.device | str | None = None,
+    sample_rate: int = SAMPLE_RATE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check audio input and return ``(wav (B, N) float32, lengths (B,) int64)`` on ``device``.
 
@@ -83,6 +103,8 @@ def prepare_batch(
         padding_mask: (B, N) or (N,) bool, True at padded samples (padding must be a
             suffix of each row).
         lengths: (B,) valid samples per clip. Give ``padding_mask`` or ``lengths``, not both.
+        sample_rate: the rate of ``wav`` in Hz; other rates than 16000 are resampled (soxr,
+            high quality, each clip's valid part), and the lengths returned are at 16 kHz.
 
     Padded samples are set to zero. Raises ``TypeError``/``ValueError`` with a message
     that says what was wrong and what to do.
@@ -152,19 +174,21 @@ def prepare_batch(
         lengths_t = torch.full((batch,), n, dtype=torch.long, device=wav.device)
     lengths_t = lengths_t.to(torch.long)
 
-    short = lengths_t < MIN_SAMPLES
-    if short.any():
-        items = _items(short)
-        raise ValueError(
-            f"audio too short: clip(s) {items} have {lengths_t[short].tolist()} samples; BEATs "
-            f"needs at least {MIN_SAMPLES} samples (0.175 s at 16 kHz). Pad with zeros or "
-            "drop them"
-        )
     valid = torch.arange(n, device=wav.device) < lengths_t.unsqueeze(1)
     wav = torch.where(valid, wav, torch.zeros((), dtype=wav.dtype, device=wav.device))
     bad = ~torch.isfinite(wav).all(dim=1)
     if bad.any():
         raise ValueError(f"audio contains NaN or Inf in batch item(s) {_items(bad)}")
+    if sample_rate != SAMPLE_RATE:
+        wav, lengths_t = _resample_rows(wav, lengths_t, sample_rate)
+    short = lengths_t < MIN_SAMPLES
+    if short.any():
+        items = _items(short)
+        raise ValueError(
+            f"audio too short: clip(s) {items} have {lengths_t[short].tolist()} samples at "
+            f"16 kHz; BEATs needs at least {MIN_SAMPLES} samples (0.175 s). Pad with zeros "
+            "or drop them"
+        )
     peak = wav.abs().amax(dim=1)
     if (peak > 2.0).any():
         warnings.warn(

@@ -138,16 +138,19 @@ class BEATs(nn.Module):
         padding_mask: ArrayLike | None = None,
         *,
         lengths: ArrayLike | None = None,
+        sample_rate: int = 16000,
         output_hidden_states: bool = False,
         output_layer: int | None = None,
     ) -> BEATsOutput:
-        """Embed 16 kHz audio.
+        """Embed 16 kHz audio (other rates are resampled when ``sample_rate`` says so).
 
         Args:
             wav: (N,) or (B, N) samples in [-1, 1] (tensor or numpy; int16/int32 PCM is
                 rescaled), or a list of 1-D clips of any lengths.
             padding_mask: (B, N) bool, True at padded samples. Or give ``lengths``.
             lengths: (B,) valid samples per clip.
+            sample_rate: the rate of ``wav`` in Hz; anything but 16000 is resampled to
+                16 kHz with soxr first (``padding_mask``/``lengths`` count input samples).
             output_hidden_states: also return every layer's output.
             output_layer: stop after layer k (0 = encoder input, L = last; negative counts
                 from the end) and return its output as ``features``; the layers above are
@@ -159,7 +162,8 @@ class BEATs(nn.Module):
         ``torch.inference_mode``.
         """
         output_layer = self._layer_index(output_layer)
-        wav_t, lengths_t = prepare_batch(wav, padding_mask, lengths, device=self.device)
+        wav_t, lengths_t = prepare_batch(wav, padding_mask, lengths, device=self.device,
+                                         sample_rate=sample_rate)
         return self.forward_waveform(
             wav_t, lengths_t, output_hidden_states=output_hidden_states,
             output_layer=output_layer,
@@ -172,6 +176,7 @@ class BEATs(nn.Module):
         padding_mask: ArrayLike | None = None,
         *,
         lengths: ArrayLike | None = None,
+        sample_rate: int = 16000,
         output_hidden_states: bool = False,
         output_layer: int | None = None,
     ) -> BEATsOutput:
@@ -182,7 +187,8 @@ class BEATs(nn.Module):
         train a head on them, or use `extract_features` under ``torch.no_grad``).
         """
         return self.extract_features(
-            wav, padding_mask, lengths=lengths, output_hidden_states=output_hidden_states,
+            wav, padding_mask, lengths=lengths, sample_rate=sample_rate,
+            output_hidden_states=output_hidden_states,
             output_layer=output_layer,
         )
 

@@ -168,3 +168,35 @@ def test_mask_and_lengths_together_refused(model):
 def test_list_of_clips_with_lengths_refused(model):
     with pytest.raises(ValueError, match="carries its own lengths"):
         model.extract_features([_wave(), _wave(9000)], lengths=torch.tensor([16000, 9000]))
+
+
+def test_sample_rate_resamples_like_loading_a_file(model, tmp_path):
+    import soundfile as sf
+
+    from beats.audio import load_audio
+
+    rng = np.random.default_rng(3)
+    clip = (0.3 * np.sin(np.arange(44100) * 0.05) + 0.05 * rng.standard_normal(44100))
+    clip = clip.astype(np.float32)
+    sf.write(tmp_path / "c.wav", clip, 44100, subtype="FLOAT")
+    from_file, _ = load_audio(tmp_path / "c.wav")
+    with torch.no_grad():
+        a = model.extract_features(clip, sample_rate=44100)
+        b = model.extract_features(from_file)
+    assert torch.equal(a.features, b.features)
+    # in a batch each clip is resampled on its own valid samples
+    batch = np.zeros((2, 44100), dtype=np.float32)
+    batch[0], batch[1, :30000] = clip, clip[:30000]
+    with torch.no_grad():
+        both = model.extract_features(batch, lengths=np.array([44100, 30000]), sample_rate=44100)
+        short = model.extract_features(clip[:30000], sample_rate=44100)
+    n = short.features.shape[1]
+    assert (both.features[1, :n] - short.features[0]).abs().max() < 1e-5
+    assert int((~both.padding_mask[1]).sum()) == n
+
+
+def test_sample_rate_checks(model):
+    with pytest.raises(ValueError, match="sample_rate must be a positive int"):
+        model.extract_features(torch.zeros(16000), sample_rate=0)
+    with pytest.raises(ValueError, match="at 16 kHz; BEATs needs at least 2800"):
+        model.extract_features(torch.zeros(8000), sample_rate=48000)  # 2667 samples at 16 kHz

@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a run in OUT: skip complete outputs, redo the rest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="ERROR",
+                   help="WARNING logs each failure as it happens, INFO also the plan and "
+                        "totals (the summary at the end lists failures anyway)")
 
 
 def pick_device(name: str) -> torch.device:
