@@ -180,3 +180,23 @@ def test_long_files_are_tokenized_in_windows(tmp_path, tokenizer):
     stitched = extract_windowed(tokenizer, wav, window_s=5.0, hop_s=4.0).features
     want = tokenizer.tokens_from_features(stitched.unsqueeze(0))[0].view(-1, 8).numpy()
     assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_tokenizer_safetensors_round_trip(tmp_path, tokenizer, waves):
+    from beats import BEATs
+
+    from .test_extract import beats_cli
+
+    folder = tokenizer.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    again = BEATsTokenizer.from_pretrained(folder)
+    for k, v in tokenizer.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert torch.equal(again.extract_labels(waves["wav.2"]).labels,
+                       tokenizer.extract_labels(waves["wav.2"]).labels)
+    converted = tmp_path / "converted"
+    beats_cli("convert", str(REFERENCE / "tokenizer.pt"), str(converted), check=True)
+    assert torch.equal(BEATsTokenizer.from_pretrained(converted).extract_labels(waves["wav.0"])
+                       .labels, tokenizer.extract_labels(waves["wav.0"]).labels)
+    with pytest.raises(ValueError, match="tokenizer"):
+        BEATs.from_pretrained(folder)
