@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-m", "--model", required=True,
-                   help="tokenizer: registry name, hub repo, folder or .pt file")
+    p.add_argument("-m", "--model", default="Tokenizer_iter3_plus_AS2M",
+                   help="tokenizer: registry name, hub repo, folder or .pt file (default: "
+                        "Tokenizer_iter3_plus_AS2M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("-b", "--batch-size", type=int, default=8)
