@@ -116,7 +116,9 @@ def _original_attention(attn: MultiheadAttention, x, key_padding_mask, table):
     return out @ attn.out_proj.weight.T + attn.out_proj.bias
 
 
-def test_attention_matches_the_original_computation():
+def _perturbed_attention():
+    """A gated relative-position attention with every weight perturbed, a (2, 40, 16)
+    input and a key padding mask (clip 1 has 27 valid positions)."""
     torch.manual_seed(0)
     attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
                               max_distance=64, gru_rel_pos=True).eval()
@@ -125,6 +127,11 @@ def test_attention_matches_the_original_computation():
             p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(2, 40, 16)
     mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    return attn, x, mask
+
+
+def test_attention_matches_the_original_computation():
+    attn, x, mask = _perturbed_attention()
     with torch.no_grad():
         ours = attn(x, mask, attn.position_bias(40, x.device))
         theirs = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
@@ -209,14 +216,7 @@ def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
 
 def test_fused_projection_gradients_equal_the_original_computation():
     """q/k/v and the gate logits come from one stacked product; gradients must not notice."""
-    torch.manual_seed(0)
-    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
-                              max_distance=64, gru_rel_pos=True).eval()
-    with torch.no_grad():
-        for p in attn.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(2, 40, 16)
-    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    attn, x, mask = _perturbed_attention()
     grads = []
     for run in ("ours", "original"):
         attn.zero_grad()

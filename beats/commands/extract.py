@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 import torch
 
+from ..extract import ExtractOptions, Summary
 from ..pooling import FREQ_POOLING, TIME_POOLING, PoolingSpec, parse_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,22 +27,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "frequency) as OUT/<input path>.npy."
         ),
     )
-    p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
-    p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model", default=None,
                    help="registry name, hub repo, folder or .pt file (default: the registry's "
                         "default model)")
+    p.add_argument("--layers", default="last", type=parse_layers,
+                   help="last, all, or hidden-state numbers like 4,8,12 (0 = encoder input)")
+    p.add_argument("--time-pooling", default="mean", choices=TIME_POOLING)
+    p.add_argument("--freq-pooling", default="mean", choices=FREQ_POOLING,
+                   help="keep the 8 frequency patches of each 160 ms step, or average them")
+    add_run_arguments(p)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `extract` and `tokenize` share: inputs, output, device, batching,
+    windows, output format, resume, verbosity."""
+    p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
+    p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes reading audio (0: read in the main process)")
     p.add_argument("--prefetch", type=int, default=2, help="batches each worker reads ahead")
-    p.add_argument("--layers", default="last", type=parse_layers,
-                   help="last, all, or hidden-state numbers like 4,8,12 (0 = encoder input)")
-    p.add_argument("--time-pooling", default="mean", choices=TIME_POOLING)
-    p.add_argument("--freq-pooling", default="mean", choices=FREQ_POOLING,
-                   help="keep the 8 frequency patches of each 160 ms step, or average them")
     p.add_argument("--window", type=float, default=10.0,
                    help="seconds: files longer than this are embedded in overlapping windows "
                         "and stitched (default 10, BEATs' training length; 0: whole files)")
@@ -57,6 +65,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "totals (the summary at the end lists failures anyway)")
 
 
+def run_options(args: argparse.Namespace, **extra: Any) -> ExtractOptions:
+    """`ExtractOptions` from the shared arguments (``extra``: pooling, tokens)."""
+    return ExtractOptions(
+        batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch,
+        output_format=args.output_format, shard_size=args.shard_size,
+        window=args.window or None, hop=args.hop, resume=args.resume, **extra,
+    )
+
+
+def report(command: str, summary: Summary, quiet: bool) -> int:
+    """Print the run's summary and first failures (unless quiet); the exit code."""
+    if not quiet:
+        print(f"beats {command}: {summary}", file=sys.stderr)
+        for _path, error in summary.failures[:20]:
+            print(f"  failed: {error}", file=sys.stderr)
+        if len(summary.failures) > 20:
+            print(f"  ... and {len(summary.failures) - 20} more (see manifest.jsonl)",
+                  file=sys.stderr)
+    return summary.exit_code
+
+
 def pick_device(name: str) -> torch.device:
     """``auto``: CUDA (this process's LOCAL_RANK under torchrun), else MPS, else CPU."""
     if name != "auto":
@@ -69,18 +98,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..extract import ExtractOptions, extract
+    from ..extract import extract
     from ..model import BEATs
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        options = ExtractOptions(
-            pooling=PoolingSpec(layers=args.layers, time=args.time_pooling,
-                                freq=args.freq_pooling),
-            batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch,
-            output_format=args.output_format, shard_size=args.shard_size,
-            window=args.window or None, hop=args.hop, resume=args.resume,
-        )
+        options = run_options(args, pooling=PoolingSpec(
+            layers=args.layers, time=args.time_pooling, freq=args.freq_pooling))
     except ValueError as e:
         print(f"beats extract: {e}", file=sys.stderr)
         return 2
@@ -99,14 +123,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not args.quiet:
-        print(f"beats extract: {summary}", file=sys.stderr)
-        for _path, error in summary.failures[:20]:
-            print(f"  failed: {error}", file=sys.stderr)
-        if len(summary.failures) > 20:
-            print(f"  ... and {len(summary.failures) - 20} more (see manifest.jsonl)",
-                  file=sys.stderr)
-    return summary.exit_code
+    return report("extract", summary, args.quiet)
 
 
 def default_model_name() -> str:
