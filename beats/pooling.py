@@ -14,15 +14,13 @@ import torch
 
 from .model import PATCHES_PER_STEP, BEATsOutput
 
-STEP_SECONDS = 0.16
-FIRST_CENTRE_SECONDS = 0.0875
 TIME_POOLING = ("none", "mean", "mean+std")
 FREQ_POOLING = ("keep", "mean")
 
 
 def step_centres(num_steps: int) -> np.ndarray:
-    """Centre time (seconds, float64) of each 160 ms step: (T,)."""
-    return FIRST_CENTRE_SECONDS + STEP_SECONDS * np.arange(num_steps, dtype=np.float64)
+    """Centre time (seconds, float64) of each 160 ms step: (T,), ``(2560 t + 1400) / 16000``."""
+    return (2560.0 * np.arange(num_steps, dtype=np.float64) + 1400.0) / 16000.0
 
 
 @dataclass(frozen=True)

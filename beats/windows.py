@@ -31,6 +31,7 @@ import torch
 from .fbank import SAMPLE_RATE, num_frames
 from .inputs import MIN_SAMPLES, ArrayLike, prepare_batch
 from .model import PATCHES_PER_STEP, BEATs
+from .pooling import step_centres
 
 STEP_SAMPLES = 2560  # one time step: 16 frames of 10 ms
 STEP_SPAN = MIN_SAMPLES  # 2800 samples one step reads: 15 shifts of 160 + a 400 frame
@@ -66,9 +67,8 @@ def num_steps(num_samples: int) -> int:
 
 
 def step_times(steps: int) -> torch.Tensor:
-    """(steps,) float64 centre time in seconds of each step: (2560 t + 1400) / 16000."""
-    t = torch.arange(steps, dtype=torch.float64)
-    return (STEP_SAMPLES * t + STEP_SPAN / 2) / SAMPLE_RATE
+    """(steps,) float64 centre time in seconds of each step (`pooling.step_centres`)."""
+    return torch.from_numpy(step_centres(steps))
 
 
 def plan_windows(num_samples: int, window_s: float = 10.0, hop_s: float = 8.0) -> list[Window]:
