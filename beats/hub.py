@@ -66,7 +66,7 @@ def resolve(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     convert: Callable[[Path, Path], None],
-    tokenizer: bool | None = False,
+    tokenizer: bool = False,
     progress: bool | None = None,
 ) -> Resolved:
     """Find ``name_or_path`` on disk, downloading it first when needed.
@@ -74,8 +74,8 @@ def resolve(
     Args:
         convert: ``convert(pt_path, out_dir)`` turns a downloaded ``.pt`` into the
             save_pretrained files (for registry downloads).
-        tokenizer: whether the caller loads acoustic tokenizers (else encoders; None: unknown,
-            not checked here).
+        tokenizer: whether the caller loads acoustic tokenizers (else encoders); a registry
+            entry of the other kind is refused before anything is downloaded.
     """
     text = os.fspath(name_or_path)
     if not isinstance(text, str):
@@ -90,7 +90,7 @@ def resolve(
     entry = registry.find(text)
     if entry is not None:
         _no_revision(revision, text, f"the registry name of {entry.name}")
-        if tokenizer is not None and (entry.kind == "tokenizer") != tokenizer:
+        if (entry.kind == "tokenizer") != tokenizer:
             raise ValueError(kind_mismatch(entry.name, entry.kind == "tokenizer"))
         folder = cache.fetch(entry, cache_dir, offline=offline_reason(local_files_only),
                              convert=convert, progress=progress)

@@ -291,8 +291,6 @@ class BEATs(nn.Module):
         if cls.is_tokenizer != is_tokenizer:
             raise ValueError(hub.kind_mismatch(source, is_tokenizer))
         model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
-        if checkpoint.is_tokenizer_state_dict(model.state_dict()) != is_tokenizer:
-            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
         state_dict = checkpoint.normalize_state_dict(state_dict)
         state_dict = checkpoint.strip_wrapper_prefix(state_dict, model.state_dict().keys())
         checkpoint.check_keys(model, state_dict, source)
