@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .audio import AUDIO_EXTENSIONS
 
@@ -94,20 +95,28 @@ def output_path(output_dir: Path, key: str, suffix: str) -> Path:
 
 
 @contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[object]:
-    """Write to a temporary file beside ``path`` and rename it into place on success.
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on success it is flushed to disk and
+    renamed to ``path``, on failure deleted.
 
     Readers see either the old file or the complete new one, never a partial write.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """`atomic_path`, opened: ``with atomic_write(p, "w") as f: f.write(...)``."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f

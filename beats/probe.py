@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .audio import AUDIO_EXTENSIONS
-from .files import InputFile, atomic_write
+from .files import InputFile, atomic_path, atomic_write
 from .heads import Head, classification_loss
 from .manifest import FAILED, latest_by_key, read_manifest
 
@@ -306,9 +306,8 @@ def save_probe(out_dir: str | os.PathLike, probe: Probe, meta: dict[str, Any]) -
     """``head.safetensors`` (weights) + ``head.json`` (classes, kind, embedding settings)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".head.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_dir / "head.safetensors")
+    with atomic_path(out_dir / "head.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(tmp))
     with atomic_write(out_dir / "head.json", "w") as f:
         json.dump(meta, f, indent=2)
 
