@@ -476,20 +476,21 @@ def extract(
             collate_fn=_as_is,
         )
         bar = _progress(len(todo), progress and rank == 0)
+
+        def failed(x: _Loaded, error: str) -> None:
+            log.warning("failed: %s", error)
+            manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=error))
+            summary.failed += 1
+            summary.failures.append((str(x.item.path), error))
+
         for loaded in loader:
             good = [x for x in loaded if x.error is None]
             for x in loaded:
                 if x.error is not None:
-                    log.warning("failed: %s", x.error)
-                    manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=x.error))
-                    summary.failed += 1
-                    summary.failures.append((str(x.item.path), x.error))
+                    failed(x, x.error)
             for x, result in _embed_isolating_failures(model, good, options):
                 if isinstance(result, str):
-                    log.warning("failed: %s", result)
-                    manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=result))
-                    summary.failed += 1
-                    summary.failures.append((str(x.item.path), result))
+                    failed(x, result)
                     continue
                 emb, times, short = result
                 record = Record(
