@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .audio import AudioError, AudioInfo, audio_info, load_audio
 from .files import InputFile, atomic_write, discover_inputs, output_path
-from .inputs import MIN_SAMPLES
+from .inputs import MIN_SAMPLES, pad_to_minimum
 from .manifest import (
     FAILED,
     OK,
@@ -337,12 +337,8 @@ def _embed_batch(
         return
     clips, padded = [], []
     for item in batch:
-        wav = item.wav
-        short = len(wav) < MIN_SAMPLES
-        if short:
-            wav = np.pad(wav, (0, MIN_SAMPLES - len(wav)))
-        clips.append(torch.from_numpy(wav))
-        padded.append(short)
+        clips.append(torch.from_numpy(pad_to_minimum(item.wav)))
+        padded.append(len(item.wav) < MIN_SAMPLES)
     with torch.inference_mode():
         if options.tokens:
             labels, mask = model.extract_labels(clips)

@@ -20,6 +20,12 @@ _INT_SCALES = {
     torch.uint8: (128.0, 128.0),
 }
 
+def pad_to_minimum(wav: np.ndarray) -> np.ndarray:
+    """A (N,) clip zero-padded to `MIN_SAMPLES` when shorter (for files below the model's
+    0.175 s, which the command line pads and flags rather than refuses)."""
+    return np.pad(wav, (0, MIN_SAMPLES - len(wav))) if len(wav) < MIN_SAMPLES else wav
+
+
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 
 

@@ -175,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from ..audio import AudioError, load_audio
+    from ..inputs import pad_to_minimum
     from ..pooling import parse_layers, pool
     from ..probe import collate, load_probe
 
@@ -187,9 +188,7 @@ def _predict(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.inputs:
         try:
-            wav, _ = load_audio(path)
-            if len(wav) < 2800:
-                wav = np.pad(wav, (0, 2800 - len(wav)))
+            wav = pad_to_minimum(load_audio(path)[0])
             with torch.inference_mode():
                 out = model.extract_features(wav, output_hidden_states=spec.needs_hidden_states)
                 emb = pool(out, spec, model.cfg.encoder_layers)[0].cpu().numpy()

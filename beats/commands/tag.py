@@ -25,11 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from ..audio import AudioError, load_audio
     from ..files import discover_inputs
-    from ..inputs import MIN_SAMPLES
+    from ..inputs import pad_to_minimum
     from ..model import BEATs
     from .extract import pick_device
 
@@ -45,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for item in inputs:
         try:
-            wav, _ = load_audio(item.path)
-            wav = np.pad(wav, (0, max(0, MIN_SAMPLES - len(wav))))
+            wav = pad_to_minimum(load_audio(item.path)[0])
             labels = model.predict_labels(wav, top_k=args.top_k)[0]
         except (AudioError, ValueError, RuntimeError) as e:
             failed += 1
