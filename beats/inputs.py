@@ -57,6 +57,15 @@ def _to_float(wav: torch.Tensor) -> torch.Tensor:
     return wav.to(torch.float32)
 
 
+def _stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D float32 rows -> zero-padded (B, max N) batch on the first row's device, lengths."""
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+    batch = rows[0].new_zeros(len(rows), int(lengths.max()))
+    for i, r in enumerate(rows):
+        batch[i, : r.shape[0]] = r.to(batch.device)
+    return batch, lengths.to(batch.device)
+
+
 def _pad_list(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = [_to_float(_as_tensor(c, f"clip {i}")) for i, c in enumerate(clips)]
     for i, t in enumerate(tensors):
@@ -64,11 +73,7 @@ def _pad_list(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(
                 f"a list of clips must hold 1-D waveforms; clip {i} has shape {tuple(t.shape)}"
             )
-    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-    batch = tensors[0].new_zeros(len(tensors), int(lengths.max()))
-    for i, t in enumerate(tensors):
-        batch[i, : t.shape[0]] = t.to(batch.device)
-    return batch, lengths
+    return _stack_padded(tensors)
 
 
 def _resample_rows(
@@ -81,11 +86,8 @@ def _resample_rows(
         torch.from_numpy(resample(wav[b, : int(n)].cpu().numpy(), sample_rate))
         for b, n in enumerate(lengths.tolist())
     ]
-    new_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    out = torch.zeros(len(rows), int(new_lengths.max()), dtype=torch.float32)
-    for b, r in enumerate(rows):
-        out[b, : len(r)] = r
-    return out.to(wav.device), new_lengths.to(wav.device)
+    batch, new_lengths = _stack_padded(rows)
+    return batch.to(wav.device), new_lengths.to(wav.device)
 
 
 def _items(mask: torch.Tensor) -> list[int]:
