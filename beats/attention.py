@@ -94,8 +94,11 @@ class MultiheadAttention(nn.Module):
         key = (length, device.type, device.index)
         buckets = self._buckets.get(key)
         if buckets is None:
-            buckets = relative_position_buckets(length, self.num_buckets, self.max_distance,
-                                                device)
+            # Built outside inference mode: a tensor made under inference_mode (after
+            # `embed`, say) cannot be saved for backward by a later training forward.
+            with torch.inference_mode(False):
+                buckets = relative_position_buckets(length, self.num_buckets,
+                                                    self.max_distance, device)
             if len(self._buckets) >= 16:  # a handful of lengths at a time is the usual case
                 self._buckets.clear()
             self._buckets[key] = buckets

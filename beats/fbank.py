@@ -7,6 +7,7 @@ but runs a whole padded batch at once. torchaudio is never imported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -54,7 +55,11 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     float64 (float32 on MPS), the angle reduced modulo 512 in integers first.
     """
     key = (device.type, device.index)
-    if key not in _TABLES or is_tracing():
+    if key in _TABLES and not is_tracing():
+        return _TABLES[key]
+    # Outside inference mode: cached tables must never be inference tensors, which a later
+    # forward with gradients (w.r.t. the waveform, say) could not save for backward.
+    with contextlib.nullcontext() if is_tracing() else torch.inference_mode(False):
         window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32).pow(0.85)
         low, high = _mel(20.0), _mel(SAMPLE_RATE / 2)
         delta = (high - low) / (NUM_MEL_BINS + 1)
@@ -73,10 +78,9 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         dft = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1)
         tables = (window.to(device), weights.t().contiguous().to(device),
                   dft.to(device=device, dtype=_dft_dtype(device)))
-        if is_tracing():  # traced: constants of this graph, not real tensors to keep
-            return tables
+    if not is_tracing():  # traced: constants of this graph, not real tensors to keep
         _TABLES[key] = tables
-    return _TABLES[key]
+    return tables
 
 
 def fbank(

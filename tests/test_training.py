@@ -164,3 +164,39 @@ def test_optimizer_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_training_after_inference_mode_calls():
+    """Caches filled under inference mode (embed, predict_labels) must not break a later
+    forward with gradients: an inference tensor cannot be saved for backward."""
+    from beats.fbank import _TABLES
+    from beats.heads import BEATsClassifier
+
+    _TABLES.clear()  # made afresh under inference mode below
+    torch.manual_seed(0)
+    model = BEATs(tiny_config(finetuned_model=True, predictor_class=3, encoder_layerdrop=0.0))
+    wav, lengths = _audio()
+    model.embed(wav, lengths=lengths)
+    model.predict_labels(wav[0], top_k=1)
+    model.train()
+    out = model.extract_features(wav, lengths=lengths)
+    out.logits.sum().backward()
+    assert model.encoder.layers[0].self_attn.relative_attention_bias.weight.grad.abs().sum() > 0
+
+    # gradients w.r.t. the waveform go through the cached filterbank tables
+    _TABLES.clear()
+    with torch.inference_mode():
+        model.extract_features(wav, lengths=lengths)
+    audio = wav.clone().requires_grad_(True)
+    model.extract_features(audio, lengths=lengths).logits.sum().backward()
+    assert audio.grad is not None and torch.isfinite(audio.grad).all()
+    assert audio.grad.abs().sum() > 0
+
+    # a classifier validated under inference mode, then trained with every layer unfrozen
+    clf = BEATsClassifier(BEATs(tiny_config(encoder_layerdrop=0.0)), num_classes=2)
+    clf.eval()
+    clf.predict_proba(wav, lengths=lengths)
+    clf.unfreeze_top(len(clf.backbone.encoder.layers)).train()
+    loss = clf.loss(clf(wav, lengths=lengths), torch.tensor([0, 1]))
+    loss.backward()
+    assert clf.backbone.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
