@@ -120,3 +120,37 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """`atomic_path`, opened: ``with atomic_write(p, "w") as f: f.write(...)``."""
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
+
+
+LOCK_NAME = ".beats.lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing into the same output folder."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, command: str = "beats") -> Iterator[Path]:
+    """Hold ``folder/.beats.lock`` for the duration of a run; yields the folder.
+
+    A second run into the same folder fails at once with `FolderBusyError` instead of
+    interleaving its writes with the first. The lock is an OS file lock (``flock``), so the
+    operating system releases it when the holding process exits or is killed: a dead run
+    never keeps its folder locked, and the lock file left behind is harmless.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_NAME))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise FolderBusyError(
+            f"another {command} run is writing into {folder} (it holds {folder / LOCK_NAME}); "
+            "wait for it to finish or choose another output folder"
+        ) from None
+    try:
+        yield folder
+    finally:
+        lock.release()
