@@ -81,18 +81,33 @@ def load_audio(
     *,
     sample_rate: int = SAMPLE_RATE,
     channel: int | None = None,
+    offset: float = 0.0,
+    duration: float | None = None,
 ) -> tuple[np.ndarray, AudioInfo]:
     """Read a file as mono float32 samples in [-1, 1] at ``sample_rate`` Hz.
 
-    Returns ``(wav (N,), info)`` where ``info`` describes the file as stored. Raises
-    `AudioError` naming the file for a missing, empty, unreadable or unrecognised file.
+    ``offset`` and ``duration`` (seconds) read a part of the file only (a crop for
+    training): the file is seeked, not decoded from its start. A part that runs past the
+    end is cut there. Returns ``(wav (N,), info)`` where ``info`` describes the whole file
+    as stored. Raises `AudioError` naming the file for a missing, empty, unreadable or
+    unrecognised file.
     """
     path = _check_path(path)
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise ValueError(f"offset must be >= 0 and duration > 0 seconds, got {offset}, "
+                         f"{duration}")
     try:
         with sf.SoundFile(str(path)) as f:
             info = AudioInfo(str(path), f.samplerate, f.channels, f.frames,
                              f"{f.format}/{f.subtype}")
-            data = f.read(dtype="float32", always_2d=True)
+            start = round(offset * f.samplerate)
+            if start and start >= f.frames:
+                raise AudioError(f"{path}: offset {offset} s is past the end of the file "
+                                 f"({info.duration:.3f} s)")
+            if start:
+                f.seek(start)
+            frames = -1 if duration is None else max(1, round(duration * f.samplerate))
+            data = f.read(frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise _not_audio(path, e) from None
     if data.shape[0] == 0:

@@ -185,3 +185,18 @@ def test_to_mono_and_resample_checks():
     assert np.allclose(to_mono(stereo), 0.5)
     with pytest.raises(ValueError, match="positive"):
         resample(np.zeros(10), 0)
+
+
+@needs_sox
+def test_offset_and_duration_read_a_crop(tmp_path):
+    path = sox_tone(tmp_path / "sweep.wav", seconds=3.0, freq="300-3000")
+    whole, info = load_audio(path)
+    crop, crop_info = load_audio(path, offset=1.25, duration=0.5)
+    assert crop_info == info  # the info describes the whole file
+    assert np.array_equal(crop, whole[20000:28000])
+    tail, _ = load_audio(path, offset=2.75, duration=10.0)  # cut at the end
+    assert np.array_equal(tail, whole[44000:])
+    with pytest.raises(AudioError, match="past the end"):
+        load_audio(path, offset=3.5)
+    with pytest.raises(ValueError, match="offset"):
+        load_audio(path, offset=-1.0)
