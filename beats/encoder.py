@@ -92,7 +92,7 @@ class TransformerEncoder(nn.Module):
             for i in range(cfg.encoder_layers)
         )
         self.layer_norm = nn.LayerNorm(dim)
-        _init_weights(self, cfg)
+        init_weights(self, cfg)
 
     def forward(
         self,
@@ -148,7 +148,7 @@ class TransformerEncoder(nn.Module):
         return x, tuple(hidden)
 
 
-def _init_weights(encoder: TransformerEncoder, cfg: BEATsConfig) -> None:
+def init_weights(encoder: nn.Module, cfg: BEATsConfig) -> None:
     """The original's initialisation: BERT-style normal(0.02), then deep-norm gains."""
     for module in encoder.modules():
         if isinstance(module, nn.Linear):
