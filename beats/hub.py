@@ -68,6 +68,7 @@ def resolve(
     convert: Callable[[Path, Path], None],
     tokenizer: bool = False,
     progress: bool | None = None,
+    config_given: bool = False,
 ) -> Resolved:
     """Find ``name_or_path`` on disk, downloading it first when needed.
 
@@ -76,6 +77,8 @@ def resolve(
             save_pretrained files (for registry downloads).
         tokenizer: whether the caller loads acoustic tokenizers (else encoders); a registry
             entry of the other kind is refused before anything is downloaded.
+        config_given: the caller has the model's config, so a ``.safetensors`` file
+            without a ``config.json`` beside it is accepted (``config`` is then None).
     """
     text = os.fspath(name_or_path)
     if not isinstance(text, str):
@@ -83,7 +86,7 @@ def resolve(
     path = Path(text).expanduser()
     if path.exists():
         _no_revision(revision, text, "a local path")
-        return _local(path)
+        return _local(path, config_given)
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
         raise FileNotFoundError(_missing_path_message(text))
 
@@ -137,15 +140,18 @@ def _unknown_name_message(text: str) -> str:
     return message + " `beats models` lists every registered name."
 
 
-def _local(path: Path) -> Resolved:
+def _local(path: Path, config_given: bool = False) -> Resolved:
     if path.is_dir():
         return _folder(path, str(path))
     if path.suffix == ".safetensors":
         config = path.parent / CONFIG_NAME
+        if not config.is_file() and config_given:
+            return Resolved(source=str(path), weights=path)
         if not config.is_file():
             raise FileNotFoundError(
                 f"{path} needs its {CONFIG_NAME} in the same folder (as save_pretrained and "
-                "`beats convert` write them); none is there"
+                "`beats convert` write them), or the model's config given with config=...; "
+                "neither is there"
             )
         return _files(config, path, path.parent / LABELS_NAME, str(path))
     if path.name == CONFIG_NAME:

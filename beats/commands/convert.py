@@ -1,10 +1,12 @@
-"""``beats convert IN.pt OUT_DIR``: a Microsoft checkpoint to a safetensors model folder."""
+"""``beats convert IN.pt OUT_DIR [--config CFG.json]``: a Microsoft, OpenBEATs or ESPnet
+checkpoint to a safetensors model folder."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,10 +23,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "OUT_DIR/config.json, model.safetensors and, for fine-tuned models, labels.json. "
         "The folder loads with BEATs.from_pretrained(OUT_DIR) without any pickle.",
     )
-    p.add_argument("input", metavar="IN.pt", help="the Microsoft .pt checkpoint")
+    p.add_argument("input", metavar="IN.pt",
+                   help="the checkpoint: a Microsoft or OpenBEATs .pt ({'cfg', 'model'}), or a "
+                   "bare state dict such as an ESPnet .pth (with --config)")
     p.add_argument("output", metavar="OUT_DIR", help="the folder to write (created if needed)")
     p.add_argument("--force", action="store_true",
                    help="overwrite a model already in OUT_DIR")
+    p.add_argument("--config", metavar="CFG.json", default=None,
+                   help="a JSON file of BEATs cfg keys: the architecture of a bare state dict, "
+                   "or keys that override the checkpoint's cfg (e.g. fbank_mean, fbank_std)")
 
 
 def _model_class(tokenizer: bool, source: str | Path) -> type:
@@ -40,8 +47,18 @@ def _model_class(tokenizer: bool, source: str | Path) -> type:
     return BEATsTokenizer
 
 
-def convert(input_path: str | Path, output: str | Path, *, force: bool = False) -> Path:
-    """Convert ``input_path`` into the folder ``output``, verified by reloading it."""
+def convert(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    force: bool = False,
+    config: str | Path | dict[str, Any] | None = None,
+) -> Path:
+    """Convert ``input_path`` into the folder ``output``, verified by reloading it.
+
+    ``config`` (a dict or a JSON file of cfg keys) is needed for a bare state dict and
+    overrides the checkpoint's own cfg keys otherwise (see `BEATs.from_pretrained`).
+    """
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
@@ -50,7 +67,7 @@ def convert(input_path: str | Path, output: str | Path, *, force: bool = False) 
                          "overwrite it")
     ckpt = load_pt(input_path)
     cls = _model_class(is_tokenizer_state_dict(ckpt["model"]), input_path)
-    model = cls.from_microsoft_checkpoint(ckpt, source=str(input_path))
+    model = cls.from_microsoft_checkpoint(ckpt, source=str(input_path), config=config)
     model.save_pretrained(out)
     again = cls.from_pretrained(out)
     mine, theirs = model.state_dict(), again.state_dict()
@@ -61,7 +78,7 @@ def convert(input_path: str | Path, output: str | Path, *, force: bool = False) 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = convert(args.input, args.output, force=args.force)
+        out = convert(args.input, args.output, force=args.force, config=args.config)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"beats convert: error: {e}", file=sys.stderr)
         return 1
