@@ -49,7 +49,7 @@ def load_pt(path: str | Path) -> dict[str, Any]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()
     ):  # a bare state dict, as ESPnet saves its models (.pth): the config comes separately
         return {"cfg": None, "model": ckpt}
-    keys = _examples(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
+    keys = key_examples(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise ValueError(
         f"{path} is not a BEATs checkpoint: expected a dict with 'cfg' and 'model' (Microsoft, "
         f"OpenBEATs) or a state dict of tensors (ESPnet .pth), got {keys}"
@@ -136,17 +136,21 @@ def prepare_state_dict(
         if key not in state_dict:
             continue
         weight = state_dict.pop(key)
-        if tuple(weight.shape) != shape or not bool((weight.float() > 0).all()):
-            raise ValueError(
-                f"{source}: {key} is ESPnet's padding-mask convolution, which ESPnet keeps "
-                f"at all ones {shape}; this file holds a {tuple(weight.shape)} tensor "
-                f"{'with zero or negative values' if tuple(weight.shape) == shape else ''}, "
-                "so its padding mask would differ from the exact one beats computes"
-            )
+        if tuple(weight.shape) != shape:
+            problem = f"a {tuple(weight.shape)} tensor"
+        elif not bool((weight.float() > 0).all()):
+            problem = "zero, negative or NaN values"
+        else:
+            continue
+        raise ValueError(
+            f"{source}: {key} is ESPnet's padding-mask convolution, which ESPnet keeps at all "
+            f"ones {shape}; this file holds {problem}, so its padding mask would differ from "
+            "the exact one beats computes"
+        )
     return state_dict, outside
 
 
-def _examples(keys: list[str], limit: int = 3) -> str:
+def key_examples(keys: list[str], limit: int = 3) -> str:
     """``a, b, c and 12 more``: a few keys, never the whole list."""
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -237,7 +241,7 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
         if found:
             plural = "es" if what.endswith("h") else "s"
             parts.append(f"{len(found)} {what}{plural if len(found) > 1 else ''} "
-                         f"({_examples(found, 3 if found is not shapes else 1)})")
+                         f"({key_examples(found, 3 if found is not shapes else 1)})")
     cause = _likely_cause(expected, state_dict, missing, unexpected)
     raise ValueError(f"{source} does not match the model built from its config: "
                      f"{'; '.join(parts)}. Likely cause: {cause}")

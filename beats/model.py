@@ -311,7 +311,7 @@ class BEATs(nn.Module):
         if outside:
             warnings.warn(
                 f"{source}: ignoring {len(outside)} keys outside the BEATs encoder "
-                f"({checkpoint._examples(outside)}): the file holds a whole ESPnet model, and "
+                f"({checkpoint.key_examples(outside)}): the file holds a whole ESPnet model, and "
                 "beats loads its encoder (the keys under 'encoder.')",
                 UserWarning, stacklevel=3,
             )
