@@ -13,9 +13,10 @@ own seeded generator (the training RNG is not consumed) and broadcasts the codes
 
 Key meanings, as in Microsoft's files: ``quantize.embedding.weight`` the codes,
 ``quantize.embedding.cluster_size`` the cluster sizes found by the k-means initialisation,
-``quantize.embedding.embed_avg`` the codes as initialised (the normalised-EMA update never
-uses it), ``quantize.embedding.initted`` 1 once initialised, ``quantize.cluster_size`` the
-EMA (decay ``decay``) of how many vectors each code received per update.
+``quantize.embedding.embed_avg`` unused by the normalised-EMA update (Microsoft's stays
+at its construction value; here it is set to the codes at initialisation),
+``quantize.embedding.initted`` 1 once initialised, ``quantize.cluster_size`` the EMA
+(decay ``decay``) of how many vectors each code received per update.
 """
 
 from __future__ import annotations
