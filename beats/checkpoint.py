@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,32 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    not_torch = _not_a_torch_file(path)
+    if not_torch is not None:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: it holds {not_torch}, not what torch.save "
+            "writes (a zip archive or a pickle). Give a BEATs .pt, a model folder or a "
+            "registered name (`beats models` lists them)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = _refused_global(e)
+        if refused is None:
+            raise ValueError(f"{path} is corrupt or not a checkpoint: its pickle cannot be "
+                             f"read ({_unpickler_reason(e)})") from None
         raise ValueError(
-            f"{path} is not a plain-tensor checkpoint: loading it would run code named in "
-            f"the file ({_unpickler_reason(e)}), and beats only loads with "
-            "weights_only=True. Checkpoints of tensors, dicts and numbers load. If you trust "
-            "where this file comes from, re-save its 'cfg' and 'model' as plain dicts and "
-            "tensors with the code that wrote it, then `beats convert` that file into a "
-            "safetensors folder that loads without any pickle."
+            f"{path} is not a plain-tensor checkpoint: loading it would run code named in the "
+            f"file (it calls {refused}), which beats never does: checkpoints of tensors, dicts "
+            "and numbers load. If you trust where this file comes from, re-save its 'cfg' and "
+            "'model' as plain dicts and tensors with the code that wrote it, then `beats "
+            "convert` that file into a safetensors folder that loads without any pickle"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # the unpickler meets arbitrary bytes: any failure is a bad file
+        raise ValueError(f"{path} is truncated or corrupt and cannot be read: "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
@@ -53,13 +65,52 @@ _SHARED_BIAS = re.compile(
 )
 
 
+def _not_a_torch_file(path: Path) -> str | None:
+    """What the file holds if it cannot be a torch.save file (zip archive, or a pickle for
+    the legacy format), else None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "nothing (the file is empty)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return "WAV audio"
+    for magic, what in ((b"fLaC", "FLAC audio"), (b"OggS", "Ogg audio"), (b"ID3", "MP3 audio"),
+                        (b"\x89HDF", "an HDF5 file (a Keras/TensorFlow model?)")):
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    return "JSON text" if text.lstrip().startswith(("{", "[")) else "text"
+
+
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The global (function or class) that torch's weights-only unpickler refused, if any."""
+    match = _GLOBAL.search(str(error))
+    return match.group(1) if match else None
+
+
 def _unpickler_reason(error: Exception) -> str:
-    """The one line of torch's weights_only error that says what was refused."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """What torch's weights-only unpickler could not read, without its advice (which
+    suggests ``weights_only=False``, that is running the file's code)."""
+    text = str(error)
+    tail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    for line in tail.splitlines():
+        line = line.strip().split(". ")[0]
+        if line and "weights_only" not in line:
+            return line
+    return "not a plain-tensor pickle"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no details"
 
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

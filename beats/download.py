@@ -92,11 +92,13 @@ def download(
             after = part.stat().st_size if part.exists() else 0
             failures = 1 if after > before else failures + 1
             if failures > retries:
+                kept = (f"; {after} bytes are kept in {part} and the next try resumes from "
+                        "there" if after else "")
                 raise DownloadError(
-                    f"downloading {short_url(url)} failed {failures} times in a row ({e}); "
-                    f"{after} bytes are kept in {part} and the next try resumes from there"
+                    f"downloading {short_url(url)} failed {failures} times in a row ({e})" + kept
                 ) from None
-            logger.warning("download of %s interrupted (%s); retrying", short_url(url), e)
+            # The final error says how many attempts failed: a retry is no news by itself.
+            logger.info("download of %s interrupted (%s); retrying", short_url(url), e)
             time.sleep(min(0.2 * 2 ** (failures - 1), 5.0))
     got = part.stat().st_size
     if size is not None and got != size:

@@ -289,7 +289,7 @@ class BEATs(nn.Module):
         """
         is_tokenizer = checkpoint.is_tokenizer_state_dict(state_dict)
         if cls.is_tokenizer != is_tokenizer:
-            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
+            raise hub.ModelKindError(hub.kind_mismatch(source, is_tokenizer))
         model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
         state_dict = checkpoint.normalize_state_dict(state_dict)
         state_dict = checkpoint.strip_wrapper_prefix(state_dict, model.state_dict().keys())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from beats import BEATs
-from beats.cli import main
+from beats import BEATs, BEATsTokenizer
+from beats.cli import SUBCOMMANDS, build_parser, main
 
 from .conftest import HUB, REFERENCE, reference_model
 from .test_hub import _repo
@@ -63,6 +64,54 @@ def test_models_table_shows_default_and_cache(tmp_path, capsys):
     assert rows["BEATs_iter3"][1:3] == ["pretrained", "yes"]
     assert rows["Tokenizer_iter2"][1:3] == ["tokenizer", "no"]
     assert f"19 checkpoints, 1 cached in {tmp_path}" in lines
+
+
+def test_models_lists_the_default_alias(tmp_path, capsys):
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    default = next(r for r in rows if r and r[0] == "BEATs_iter3_plus_AS2M")
+    assert default[-1] == "default" and default[-2] == "as2m,"  # "..., as2m, default"
+    assert sum("default" in r[4:] for r in rows if len(r) > 4) == 1
+    assert main(["models", "--json", "--kind", "pretrained"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    aliases = {m["name"]: m["aliases"] for m in doc["models"]}
+    assert "default" in aliases["BEATs_iter3_plus_AS2M"]
+    assert not any("default" in a for n, a in aliases.items() if n != "BEATs_iter3_plus_AS2M")
+
+
+def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_is_documented_and_shows_its_default():
+    parsers = _subcommand_parsers()
+    assert sorted(parsers) == sorted(SUBCOMMANDS)
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flags = "/".join(action.option_strings) or action.dest
+            assert action.help, f"beats {name} {flags} has no help"
+            real_default = action.default not in (None, False, argparse.SUPPRESS)
+            if action.option_strings and real_default:
+                shown = formatter._get_help_string(action) or ""
+                assert "default" in shown, f"beats {name} {flags} hides its default"
+
+
+def test_help_shows_defaults(capsys):
+    for args, expected in (
+        (["extract", "--help"], ["per forward pass (default: 8)", "(default: mean)"]),
+        (["tag", "--help"], ["most probable first (default: 5)"]),
+        (["tokenize", "--help"], ["(default: Tokenizer_iter3_plus_AS2M)"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(args)
+        text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+        for phrase in expected:
+            assert phrase in text, (args, phrase)
 
 
 def test_models_json(tmp_path, capsys):
