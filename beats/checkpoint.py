@@ -1,4 +1,5 @@
-"""Reading Microsoft ``.pt`` checkpoints safely and mapping their keys onto `BEATs`."""
+"""Microsoft ``.pt`` checkpoints: reading them safely and mapping their keys onto `BEATs`,
+and writing a model back in their layout (`save_microsoft_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import BEATsConfig
+from .files import atomic_path
 
 # Newer PyTorch writes weight norm as a parametrization; Microsoft's files use _g/_v.
 _WEIGHT_NORM_KEYS = {
@@ -185,3 +189,84 @@ def strip_wrapper_prefix(
         return state_dict
     stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
     return stripped if set(stripped) == expected else state_dict
+
+
+# ---------------------------------------------------------------------- writing
+# The keys of Microsoft's BEATsConfig, in its order; its tokenizer's config adds
+# quant_n and quant_dim. Every Microsoft checkpoint's cfg holds these.
+MICROSOFT_CFG_KEYS = (
+    "input_patch_size", "embed_dim", "conv_bias", "encoder_layers", "encoder_embed_dim",
+    "encoder_ffn_embed_dim", "encoder_attention_heads", "activation_fn",
+    "layer_wise_gradient_decay_ratio", "layer_norm_first", "deep_norm", "dropout",
+    "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
+    "conv_pos", "conv_pos_groups", "relative_position_embedding", "num_buckets",
+    "max_distance", "gru_rel_pos", "finetuned_model", "predictor_dropout", "predictor_class",
+)
+TOKENIZER_CFG_KEYS = ("quant_n", "quant_dim")
+
+
+def microsoft_cfg(cfg: BEATsConfig, tokenizer: bool) -> dict[str, Any]:
+    """``cfg`` as a Microsoft checkpoint's ``cfg`` dict.
+
+    Microsoft's keys always; the tokenizer's two with ``tokenizer``; any other field only
+    when it differs from its default (the original ignores keys it does not know), and the
+    unknown keys a loaded checkpoint brought with it (`BEATsConfig.extra`).
+    """
+    values, defaults = cfg.to_dict(), BEATsConfig().to_dict()
+    keys = MICROSOFT_CFG_KEYS + (TOKENIZER_CFG_KEYS if tokenizer else ())
+    out = {key: values[key] for key in keys}
+    for key, value in values.items():
+        if key not in out and (key not in defaults or defaults[key] != value):
+            out[key] = value
+    return out
+
+
+def microsoft_state_dict(
+    state_dict: dict[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """`BEATs` keys -> Microsoft's: the shared relative position table (kept once, under
+    layer 0) is repeated under every layer's name, as the original's strict
+    ``load_state_dict`` needs. Tensors are moved to the CPU; the copies share storage."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    first = next((k for k in tensors if _SHARED_BIAS.match(k)), None)
+    if first is None:  # no relative positions
+        return tensors
+    prefix, _, suffix = _SHARED_BIAS.match(first).groups()  # type: ignore[union-attr]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        out[key] = value
+        if key == first:
+            for layer in range(1, num_layers):
+                out[f"{prefix}{layer}{suffix}"] = value
+    return out
+
+
+def microsoft_checkpoint(
+    cfg: BEATsConfig,
+    state_dict: dict[str, torch.Tensor],
+    label_dict: dict[int, str] | None,
+    tokenizer: bool = False,
+) -> dict[str, Any]:
+    """The dict Microsoft's code saves: ``cfg``, ``model`` and, with labels, ``label_dict``."""
+    ckpt: dict[str, Any] = {
+        "cfg": microsoft_cfg(cfg, tokenizer),
+        "model": microsoft_state_dict(state_dict, cfg.encoder_layers),
+    }
+    if label_dict is not None:
+        ckpt["label_dict"] = {int(k): str(v) for k, v in label_dict.items()}
+    return ckpt
+
+
+def save_microsoft_checkpoint(
+    path: str | Path,
+    cfg: BEATsConfig,
+    state_dict: dict[str, torch.Tensor],
+    label_dict: dict[int, str] | None,
+    tokenizer: bool = False,
+) -> Path:
+    """`torch.save` `microsoft_checkpoint` to ``path``, atomically; returns ``path``."""
+    path = Path(path)
+    ckpt = microsoft_checkpoint(cfg, state_dict, label_dict, tokenizer)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path

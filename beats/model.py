@@ -362,6 +362,17 @@ class BEATs(nn.Module):
             architecture=type(self).__name__,
         )
 
+    def save_microsoft_checkpoint(self, path: str | Path) -> Path:
+        """Write the model as a Microsoft-format ``.pt`` (atomically): ``cfg``, ``model`` in
+        the original's key layout (weight norm as ``weight_g``/``weight_v``, the shared
+        relative position table under every layer's name) and, for fine-tuned models with
+        labels, ``label_dict``. The original code and `from_pretrained` both load it.
+        """
+        labels = self.label_dict if self.predictor is not None else None
+        return checkpoint.save_microsoft_checkpoint(
+            path, self.cfg, self.state_dict(), labels, tokenizer=self.is_tokenizer
+        )
+
     def push_to_hub(
         self,
         repo_id: str,

@@ -77,9 +77,11 @@ def test_extract_outputs_follow_the_umask(tmp_path, umask, output_format):
 def test_saved_models_follow_the_umask(tmp_path, umask):
     model = reference_model("finetuned")
     model.save_pretrained(tmp_path / "folder")
+    model.save_microsoft_checkpoint(tmp_path / "export" / "model.pt")
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == [
         "config.json", "labels.json", "model.safetensors"]
     expect(tmp_path / "folder", umask)
+    expect(tmp_path / "export", umask)
 
 
 def test_download_cache_follows_the_umask(tmp_path, umask, monkeypatch):
