@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..serialization import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    from ..model import BEATs
 
 PT_SUFFIXES = (".pt", ".pth")
 
@@ -39,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="overwrite a model already in OUT")
 
 
-def load_any(source: str | Path):
+def load_any(source: str | Path) -> BEATs:
     """``source`` as a `BEATs`, or as a `BEATsTokenizer` when it holds a tokenizer."""
     from ..hub import ModelKindError
     from ..model import BEATs
@@ -51,7 +55,7 @@ def load_any(source: str | Path):
         return BEATsTokenizer.from_pretrained(source)
 
 
-def convert(input_path: str | Path, output: str | Path, *, force: bool = False):
+def convert(input_path: str | Path, output: str | Path, *, force: bool = False) -> BEATs:
     """Write ``input_path`` as ``output`` (a ``.pt`` or a folder, by its suffix), verified by
     reloading it. Returns the loaded model."""
     out = Path(output)
@@ -79,7 +83,7 @@ def convert(input_path: str | Path, output: str | Path, *, force: bool = False):
     return model
 
 
-def usage_hint(model, out: Path) -> str:
+def usage_hint(model: BEATs, out: Path) -> str:
     """How to load what was written, in Python and on the command line."""
     cls = type(model).__name__
     command = ("beats tokenize" if model.is_tokenizer
