@@ -1,15 +1,18 @@
-"""Reading Microsoft ``.pt`` checkpoints safely and mapping their keys onto `BEATs`."""
+"""Microsoft ``.pt`` checkpoints: reading them safely and mapping their keys onto `BEATs`,
+and writing a model back in their layout (`save_microsoft_checkpoint`)."""
 
 from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import BEATsConfig
+from .files import atomic_path
 
 # Newer PyTorch writes weight norm as a parametrization; Microsoft's files use _g/_v.
 _WEIGHT_NORM_KEYS = {
@@ -28,19 +31,32 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    not_torch = _not_a_torch_file(path)
+    if not_torch is not None:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: it holds {not_torch}, not what torch.save "
+            "writes (a zip archive or a pickle). Give a BEATs .pt, a model folder or a "
+            "registered name (`beats models` lists them)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = _refused_global(e)
+        if refused is None:
+            raise ValueError(f"{path} is corrupt or not a checkpoint: its pickle cannot be "
+                             f"read ({_unpickler_reason(e)})") from None
         raise ValueError(
-            f"{path} is not a plain-tensor checkpoint: loading it would run code named in "
-            f"the file ({_unpickler_reason(e)}), and beats only loads with "
-            "weights_only=True. Checkpoints of tensors, dicts and numbers load. If you trust "
-            "where this file comes from, re-save its 'cfg' and 'model' as plain dicts and "
-            "tensors with the code that wrote it, then `beats convert` that file into a "
-            "safetensors folder that loads without any pickle."
+            f"{path} is not a plain-tensor checkpoint: loading it would run code named in the "
+            f"file (it calls {refused}), which beats never does: checkpoints of tensors, dicts "
+            "and numbers load. If you trust where this file comes from, re-save its 'cfg' and "
+            "'model' as plain dicts and tensors with the code that wrote it, then `beats "
+            "convert` that file into a safetensors folder that loads without any pickle"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # the unpickler meets arbitrary bytes: any failure is a bad file
+        raise ValueError(f"{path} is truncated or corrupt and cannot be read: "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         if ckpt.get("cfg") is None:  # a state dict under "model", no architecture
             return {**ckpt, "cfg": None}
@@ -61,13 +77,52 @@ _SHARED_BIAS = re.compile(
 )
 
 
+def _not_a_torch_file(path: Path) -> str | None:
+    """What the file holds if it cannot be a torch.save file (zip archive, or a pickle for
+    the legacy format), else None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "nothing (the file is empty)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return "WAV audio"
+    for magic, what in ((b"fLaC", "FLAC audio"), (b"OggS", "Ogg audio"), (b"ID3", "MP3 audio"),
+                        (b"\x89HDF", "an HDF5 file (a Keras/TensorFlow model?)")):
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    return "JSON text" if text.lstrip().startswith(("{", "[")) else "text"
+
+
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The global (function or class) that torch's weights-only unpickler refused, if any."""
+    match = _GLOBAL.search(str(error))
+    return match.group(1) if match else None
+
+
 def _unpickler_reason(error: Exception) -> str:
-    """The one line of torch's weights_only error that says what was refused."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """What torch's weights-only unpickler could not read, without its advice (which
+    suggests ``weights_only=False``, that is running the file's code)."""
+    text = str(error)
+    tail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    for line in tail.splitlines():
+        line = line.strip().split(". ")[0]
+        if line and "weights_only" not in line:
+            return line
+    return "not a plain-tensor pickle"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no details"
 
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,3 +300,84 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     cause = _likely_cause(expected, state_dict, missing, unexpected)
     raise ValueError(f"{source} does not match the model built from its config: "
                      f"{'; '.join(parts)}. Likely cause: {cause}")
+
+
+# ---------------------------------------------------------------------- writing
+# The keys of Microsoft's BEATsConfig, in its order; its tokenizer's config adds
+# quant_n and quant_dim. Every Microsoft checkpoint's cfg holds these.
+MICROSOFT_CFG_KEYS = (
+    "input_patch_size", "embed_dim", "conv_bias", "encoder_layers", "encoder_embed_dim",
+    "encoder_ffn_embed_dim", "encoder_attention_heads", "activation_fn",
+    "layer_wise_gradient_decay_ratio", "layer_norm_first", "deep_norm", "dropout",
+    "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
+    "conv_pos", "conv_pos_groups", "relative_position_embedding", "num_buckets",
+    "max_distance", "gru_rel_pos", "finetuned_model", "predictor_dropout", "predictor_class",
+)
+TOKENIZER_CFG_KEYS = ("quant_n", "quant_dim")
+
+
+def microsoft_cfg(cfg: BEATsConfig, tokenizer: bool) -> dict[str, Any]:
+    """``cfg`` as a Microsoft checkpoint's ``cfg`` dict.
+
+    Microsoft's keys always; the tokenizer's two with ``tokenizer``; any other field only
+    when it differs from its default (the original ignores keys it does not know), and the
+    unknown keys a loaded checkpoint brought with it (`BEATsConfig.extra`).
+    """
+    values, defaults = cfg.to_dict(), BEATsConfig().to_dict()
+    keys = MICROSOFT_CFG_KEYS + (TOKENIZER_CFG_KEYS if tokenizer else ())
+    out = {key: values[key] for key in keys}
+    for key, value in values.items():
+        if key not in out and (key not in defaults or defaults[key] != value):
+            out[key] = value
+    return out
+
+
+def microsoft_state_dict(
+    state_dict: dict[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """`BEATs` keys -> Microsoft's: the shared relative position table (kept once, under
+    layer 0) is repeated under every layer's name, as the original's strict
+    ``load_state_dict`` needs. Tensors are moved to the CPU; the copies share storage."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    first = next((k for k in tensors if _SHARED_BIAS.match(k)), None)
+    if first is None:  # no relative positions
+        return tensors
+    prefix, _, suffix = _SHARED_BIAS.match(first).groups()  # type: ignore[union-attr]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        out[key] = value
+        if key == first:
+            for layer in range(1, num_layers):
+                out[f"{prefix}{layer}{suffix}"] = value
+    return out
+
+
+def microsoft_checkpoint(
+    cfg: BEATsConfig,
+    state_dict: dict[str, torch.Tensor],
+    label_dict: dict[int, str] | None,
+    tokenizer: bool = False,
+) -> dict[str, Any]:
+    """The dict Microsoft's code saves: ``cfg``, ``model`` and, with labels, ``label_dict``."""
+    ckpt: dict[str, Any] = {
+        "cfg": microsoft_cfg(cfg, tokenizer),
+        "model": microsoft_state_dict(state_dict, cfg.encoder_layers),
+    }
+    if label_dict is not None:
+        ckpt["label_dict"] = {int(k): str(v) for k, v in label_dict.items()}
+    return ckpt
+
+
+def save_microsoft_checkpoint(
+    path: str | Path,
+    cfg: BEATsConfig,
+    state_dict: dict[str, torch.Tensor],
+    label_dict: dict[int, str] | None,
+    tokenizer: bool = False,
+) -> Path:
+    """`torch.save` `microsoft_checkpoint` to ``path``, atomically; returns ``path``."""
+    path = Path(path)
+    ckpt = microsoft_checkpoint(cfg, state_dict, label_dict, tokenizer)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path

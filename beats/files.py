@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+import secrets
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,20 +101,78 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it is flushed to disk and
     renamed to ``path``, on failure deleted.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write. The
+    file gets the permissions the umask gives new files (as ``open`` does), not the
+    private 0600 of `tempfile.mkstemp`. A write that fails because the disk is full raises
+    ``OSError(ENOSPC)`` naming ``path``, whatever the writing library raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_name(path.parent, f".{path.name}.", ".tmp",
+                    lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, as the system applied it
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+            if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
+                os.chmod(tmp, mode)  # safetensors writes its files 0600 whatever the umask
         os.replace(tmp, path)
+    except Exception as e:
+        full = _disk_full(path, e)
+        if full is None:
+            raise
+        raise full from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` (created if needed) with a unique name starting
+    with ``prefix``, with the permissions the umask gives new folders (not `mkdtemp`'s
+    private 0700): build something there, then rename it into place."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return _new_name(parent, prefix, "", lambda p: os.mkdir(p, 0o777))
+
+
+def _new_name(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """``create`` a path ``parent/prefix<random>suffix`` that did not exist; return it."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"cannot find a free temporary name in {parent}")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, error: Exception) -> OSError | None:
+    """An ``OSError(ENOSPC)`` naming ``path`` if ``error`` came from a full disk, else None.
+
+    Libraries report a full disk in their own ways (numpy: "1152 requested and 992
+    written", safetensors: its own error type), so when a write fails and the disk has
+    (almost) no space left, the disk is taken to be the cause.
+    """
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        if error.filename is not None:
+            return None
+        return OSError(error.errno, os.strerror(error.errno), str(path))
+    try:
+        stat = os.statvfs(path.parent)
+    except (OSError, AttributeError):  # gone, or no statvfs (Windows)
+        return None
+    no_inodes = stat.f_files > 0 and stat.f_favail == 0  # some file systems report 0 of 0
+    if stat.f_bavail * stat.f_frsize >= _NEARLY_FULL_BYTES and not no_inodes:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 @contextmanager

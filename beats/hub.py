@@ -50,13 +50,18 @@ def offline_reason(local_files_only: bool = False) -> str | None:
     return None
 
 
+class ModelKindError(ValueError):
+    """A tokenizer checkpoint loaded as an encoder, or the other way round."""
+
+
 def kind_mismatch(source: str, checkpoint_is_tokenizer: bool) -> str:
     """The message for loading a tokenizer as an encoder or the other way round."""
     if checkpoint_is_tokenizer:
         return (f"{source} is an acoustic tokenizer checkpoint (config quant_n/quant_dim, keys "
-                "quantize.* and quantize_layer.*): load it with BEATsTokenizer.from_pretrained")
+                "quantize.* and quantize_layer.*): load it with BEATsTokenizer.from_pretrained "
+                "(on the command line: `beats tokenize`)")
     return (f"{source} is a BEATs encoder checkpoint without the tokenizer's quantizer: load "
-            "it with BEATs.from_pretrained")
+            "it with BEATs.from_pretrained (on the command line: `beats extract`)")
 
 
 def resolve(
@@ -94,7 +99,7 @@ def resolve(
     if entry is not None:
         _no_revision(revision, text, f"the registry name of {entry.name}")
         if (entry.kind == "tokenizer") != tokenizer:
-            raise ValueError(kind_mismatch(entry.name, entry.kind == "tokenizer"))
+            raise ModelKindError(kind_mismatch(entry.name, entry.kind == "tokenizer"))
         folder = cache.fetch(entry, cache_dir, offline=offline_reason(local_files_only),
                              convert=convert, progress=progress)
         return _folder(folder, f"{entry.name} (beats cache, {folder})")
@@ -209,9 +214,12 @@ def _from_hub(
                     f"({_hub_cache(cache_dir)}) and downloads are off ({offline}). Load it once "
                     "with network access to cache it"
                 ) from None
+            cause = e.__cause__ or e.__context__ or e
             raise ConnectionError(
                 f"cannot fetch {filename} of the Hub repo {where}: the Hub "
-                f"({_hub_endpoint()}) did not answer and the file is not cached ({e})"
+                f"({_hub_endpoint()}) did not answer ({_first_line(cause)}) and the file is "
+                "not in the Hugging Face cache. Check the network connection and HF_ENDPOINT, "
+                "or give the path of a model folder instead"
             ) from None
         except RevisionNotFoundError:
             raise ValueError(f"the Hub repo {repo_id} has no revision {revision!r}") from None
@@ -240,6 +248,11 @@ def _from_hub(
     labels = get(LABELS_NAME) if has_labels else None
     return Resolved(source=f"{where} (Hugging Face Hub)", config=config, weights=weights,
                     labels=labels)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _hub_endpoint() -> str:

@@ -305,7 +305,7 @@ class BEATs(nn.Module):
         """
         is_tokenizer = checkpoint.is_tokenizer_state_dict(state_dict)
         if cls.is_tokenizer != is_tokenizer:
-            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
+            raise hub.ModelKindError(hub.kind_mismatch(source, is_tokenizer))
         model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
         state_dict, outside = checkpoint.prepare_state_dict(state_dict, source)
         if outside:
@@ -391,6 +391,17 @@ class BEATs(nn.Module):
         return serialization.write_pretrained(
             save_directory, self.cfg.to_dict(), self.state_dict(), self.label_dict,
             architecture=type(self).__name__,
+        )
+
+    def save_microsoft_checkpoint(self, path: str | Path) -> Path:
+        """Write the model as a Microsoft-format ``.pt`` (atomically): ``cfg``, ``model`` in
+        the original's key layout (weight norm as ``weight_g``/``weight_v``, the shared
+        relative position table under every layer's name) and, for fine-tuned models with
+        labels, ``label_dict``. The original code and `from_pretrained` both load it.
+        """
+        labels = self.label_dict if self.predictor is not None else None
+        return checkpoint.save_microsoft_checkpoint(
+            path, self.cfg, self.state_dict(), labels, tokenizer=self.is_tokenizer
         )
 
     def push_to_hub(

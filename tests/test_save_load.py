@@ -246,5 +246,5 @@ def test_pickle_carrying_a_code_object_is_refused_without_running_it(tmp_path):
         BEATs.from_pretrained(path)
     text = str(err.value)
     assert f"{path} is not a plain-tensor checkpoint: loading it would run code" in text
-    assert "GLOBAL exec was not an allowed global" in text and "beats convert" in text
+    assert "(it calls exec)" in text and "beats convert" in text
     assert not marker.exists()

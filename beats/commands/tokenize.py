@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from .extract import DTYPES, add_run_arguments, pick_device, report, run_options
 
@@ -30,14 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from ..extract import extract
     from ..tokenizer import BEATsTokenizer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        options = run_options(args, tokens=True)
-        model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
-                                               dtype=DTYPES[args.dtype])
-        summary = extract(model, args.inputs, args.output, options, model_name=args.model,
-                          progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"beats tokenize: {e}", file=sys.stderr)
-        return 2
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    options = run_options(args, tokens=True)
+    model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
+                                           dtype=DTYPES[args.dtype])
+    summary = extract(model, args.inputs, args.output, options, model_name=args.model,
+                      progress=not args.quiet)
     return report("tokenize", summary, args.quiet)
