@@ -17,6 +17,7 @@ from . import __version__
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
 SUBCOMMANDS: list[str] = ["extract", "tag", "tokenize", "probe", "models", "convert"]
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"beats.commands.{args.command.replace('-', '_')}")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except BrokenPipeError:  # `beats models | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    if code == INTERRUPTED:  # Ctrl-C, handled and said: all is written and closed, so
+        sys.stdout.flush()  # skip the interpreter's teardown (torch's alone takes seconds)
+        sys.stderr.flush()
+        os._exit(code)
+    return code

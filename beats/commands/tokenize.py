@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from .extract import DTYPES, add_run_arguments, pick_device, report, run_options
+from ..files import FolderBusyError, printable
+from .extract import DTYPES, add_run_arguments, interrupted, pick_device, report, run_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
                                                dtype=DTYPES[args.dtype])
         summary = extract(model, args.inputs, args.output, options, model_name=args.model,
                           progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"beats tokenize: {e}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusyError) as e:
+        print(f"beats tokenize: {printable(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("tokenize", args.output)
     return report("tokenize", summary, args.quiet)
