@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,7 @@ def _check_samples(wav: np.ndarray) -> tuple[str | None, str | None]:
     if not finite.all():
         first = int(np.argmin(finite)) / SAMPLE_RATE
         return f"holds NaN or Inf samples (the first at {first:.3f} s)", None
-    peak = float(np.abs(wav).max())
+    peak = float(np.abs(wav).max()) if wav.size else 0.0
     if peak > MAX_PEAK:
         return (f"samples peak at {peak:.3g}, far outside [-1, 1] (the limit is {MAX_PEAK:g}): "
                 "floats holding integer-scaled values? rescale the file"), None
@@ -363,7 +364,9 @@ def _embed_isolating_failures(
     if not loaded:
         return
     try:
-        results = list(_embed_batch(model, loaded, options))
+        with warnings.catch_warnings():  # peaks beyond [-1, 1] are in the records already
+            warnings.filterwarnings("ignore", "audio in batch item", UserWarning)
+            results = list(_embed_batch(model, loaded, options))
     except Exception as e:  # one file never stops a run
         if len(loaded) == 1:
             yield loaded[0], f"{type(e).__name__}: {e}"

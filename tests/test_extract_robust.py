@@ -61,7 +61,7 @@ def test_a_folder_of_bad_files_fails_each_and_embeds_the_rest(tmp_path):
     out = tmp_path / "out"
     proc = beats_cli("extract", str(src), "-o", str(out), "-m", MODEL, "-j", "2", "-b", "2")
     assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
     assert "4 ok, 0 padded, 4 failed" in proc.stderr
     records = _latest(out)
     assert {k: r.status for k, r in records.items()} == {
@@ -177,7 +177,7 @@ def _tensors_of(out: Path) -> dict[str, set[str]]:
 
 
 def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
-    src = _many(tmp_path / "in", 24)
+    src = _many(tmp_path / "in", 12)
     out = tmp_path / "out"
     args = ("extract", str(src), "-o", str(out), "-m", MODEL, "-j", "0", "-b", "1",
             "--format", "safetensors", "--shard-size", "4")
@@ -194,12 +194,12 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
     assert "another beats extract run is writing into" in second.stderr
     tensors = _tensors_of(out)
     records = read_manifest(out / "manifest.jsonl")
-    assert len(records) == 24
+    assert len(records) == 12
     for r in records:  # every record points at a tensor that exists
         shard, name = r.output.split("#")
         assert name in tensors[shard], r.output
 
-    _many(tmp_path / "in", 27)  # three more inputs; the earlier shards must stay as they are
+    _many(tmp_path / "in", 15)  # three more inputs; the earlier shards must stay as they are
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     resumed = beats_cli(*args, "--resume")
     assert resumed.returncode == 0 and "3 ok" in resumed.stderr, resumed.stderr
@@ -209,7 +209,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
     assert new.split("-00-")[0] != next(iter(before)).split("-00-")[0]  # another run id
     tensors = _tensors_of(out)
     latest = _latest(out)
-    assert len(latest) == 27
+    assert len(latest) == 15
     for r in latest.values():
         shard, name = r.output.split("#")
         assert name in tensors[shard], r.output
