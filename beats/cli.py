@@ -22,9 +22,11 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands.arguments import HelpFormatter
+from .files import printable
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
 SUBCOMMANDS: list[str] = ["extract", "tag", "tokenize", "probe", "models", "convert"]
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
 
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SETUP
     module = importlib.import_module(f"beats.commands.{args.command.replace('-', '_')}")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except BrokenPipeError:  # `beats models | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -71,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BUG
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
-        print(f"beats {args.command}: error: {message}", file=sys.stderr)
+        print(f"beats {args.command}: error: {printable(message)}", file=sys.stderr)
         return EXIT_SETUP
+
+    if code == INTERRUPTED:  # Ctrl-C, handled and said: all is written and closed, so
+        sys.stdout.flush()  # skip the interpreter's teardown (torch's alone takes seconds)
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def setup_error(error: BaseException, resumable: bool = False) -> str | None:

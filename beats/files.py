@@ -31,7 +31,7 @@ def _walk(folder: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def _safe_key(relative: Path) -> str:
+def safe_key(relative: Path) -> str:
     """'a/b/c.wav' -> 'a/b/c.wav' with '..', absolute and empty parts refused."""
     parts = [p for p in relative.parts if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts) or relative.is_absolute():
@@ -44,20 +44,25 @@ def discover_inputs(
 ) -> list[InputFile]:
     """Files, folders (searched recursively by extension) and list files, in a stable order.
 
-    A list file is a text file whose name ends in ``.txt`` or ``.lst``: one path per line
-    (relative paths are relative to the list file; ``#`` starts a comment). Each input gets
-    a key that mirrors its place: relative to the folder it was found in, the list file's
-    folder, or its own name for a plain file. Duplicate keys are refused with both paths.
+    A list file is a text file whose name ends in ``.txt`` or ``.lst``: one path per line,
+    ``#`` starts a comment. A relative path in a list file is relative to the folder that
+    holds the list file (not to the current directory), so a list keeps working when the
+    command runs elsewhere. Each input gets a key that mirrors its place: relative to the
+    folder it was found in, the list file's folder (or its own name for a listed file
+    outside that folder), or its own name for a plain file. Duplicate keys are refused
+    with both paths. File names need not be valid UTF-8 (they are kept as the OS gives
+    them; a list file is read as UTF-8 with undecodable bytes kept the same way).
     """
     found: list[InputFile] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(os.fsdecode(item))
         if path.is_dir():
             for file in _walk(path, extensions):
-                found.append(InputFile(file, _safe_key(file.relative_to(path))))
+                found.append(InputFile(file, safe_key(file.relative_to(path))))
         elif path.suffix.lower() in (".txt", ".lst") and path.is_file():
             base = path.parent.resolve()
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
+            text = path.read_bytes().decode("utf-8", "surrogateescape")
+            for number, line in enumerate(text.splitlines(), start=1):
                 line = line.split("#", 1)[0].strip()
                 if not line:
                     continue
@@ -65,12 +70,12 @@ def discover_inputs(
                 if full.is_dir():
                     raise ValueError(f"{path}:{number}: {line} is a folder; list files only")
                 try:
-                    key = _safe_key(full.resolve().relative_to(base))
+                    key = safe_key(full.resolve().relative_to(base))
                 except ValueError:  # outside the list's folder: keep the file name
-                    key = _safe_key(Path(full.name))
+                    key = safe_key(Path(full.name))
                 found.append(InputFile(full, key))
         else:  # a file, even a missing one: the run records it as failed
-            found.append(InputFile(path, _safe_key(Path(path.name))))
+            found.append(InputFile(path, safe_key(Path(path.name))))
     seen: dict[str, Path] = {}
     for f in found:
         if f.key in seen and seen[f.key] != f.path:
@@ -81,6 +86,12 @@ def discover_inputs(
         seen[f.key] = f.path
     unique = {f.key: f for f in found}
     return list(unique.values())
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a name that is not valid UTF-8 shown as ``\\xNN``: for
+    messages, and for safetensors tensor names, which must be valid UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def output_path(output_dir: Path, key: str, suffix: str) -> Path:

@@ -70,6 +70,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "and stitched (default 10, BEATs' training length; 0: whole files)")
     p.add_argument("--hop", type=positive_float, default=None,
                    help="seconds between window starts (default: 80%% of the window)")
+    p.add_argument("--max-duration", type=non_negative_float, default=4 * 3600.0,
+                   help="seconds: a longer file fails rather than filling memory with its "
+                        "samples (230 MB per hour; default 14400, 4 hours; 0: no limit)")
     p.add_argument("--format", dest="output_format", default="npy",
                    choices=("npy", "safetensors"),
                    help="npy: one file per input; safetensors: shards of --shard-size inputs")
@@ -89,8 +92,16 @@ def run_options(args: argparse.Namespace, **extra: Any) -> ExtractOptions:
     return ExtractOptions(
         batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch,
         output_format=args.output_format, shard_size=args.shard_size,
-        window=args.window or None, hop=args.hop, resume=args.resume, **extra,
+        window=args.window or None, hop=args.hop, resume=args.resume,
+        max_duration=args.max_duration or None, **extra,
     )
+
+
+def interrupted(command: str, output: str) -> int:
+    """Ctrl-C: one line (finished outputs are kept, --resume continues); exit code 130."""
+    print(f"beats {command}: interrupted; what finished is kept in {output}: run the same "
+          "command with --resume to continue", file=sys.stderr)
+    return 130
 
 
 def report(command: str, summary: Summary, quiet: bool) -> int:
@@ -132,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         model = BEATs.from_pretrained(name, device=device, dtype=DTYPES[args.dtype])
         summary = extract(model, args.inputs, args.output, options, model_name=str(name),
                           progress=not args.quiet)
+    except KeyboardInterrupt:
+        return interrupted("extract", args.output)
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

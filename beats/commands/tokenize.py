@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .extract import DTYPES, add_run_arguments, pick_device, report, run_options
+from .extract import DTYPES, add_run_arguments, interrupted, pick_device, report, run_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     options = run_options(args, tokens=True)
     model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
                                            dtype=DTYPES[args.dtype])
-    summary = extract(model, args.inputs, args.output, options, model_name=args.model,
-                      progress=not args.quiet)
+    try:
+        summary = extract(model, args.inputs, args.output, options, model_name=args.model,
+                          progress=not args.quiet)
+    except KeyboardInterrupt:
+        return interrupted("tokenize", args.output)
     return report("tokenize", summary, args.quiet)
