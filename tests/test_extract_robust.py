@@ -311,7 +311,7 @@ def test_inputs_without_audio_are_an_error(tmp_path):
     proc = beats_cli("extract", str(src), "-o", str(tmp_path / "out"), "-m", MODEL)
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
-    assert line.startswith(f"beats extract: no audio files found in {src} (looked for files "
+    assert line.startswith(f"beats extract: error: no audio files found in {src} (looked for files "
                            "ending in .wav .wave .flac .ogg")
 
 
