@@ -120,10 +120,13 @@ class BEATsConfig:
 
         need(self.input_patch_size == 16, "input_patch_size",
              "only 16 is supported (the filterbank has 128 mel bins = 8 patches of 16)")
-        for key in ("embed_dim", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+        for key in ("embed_dim", "encoder_embed_dim", "encoder_ffn_embed_dim",
                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "predictor_class",
                     "quant_n", "quant_dim", "quant_noise_block_size"):
             need(getattr(self, key) > 0, key, "must be positive")
+        # 0 layers is a real model: the front end and positional convolution only (the
+        # random-projection tokenizer of pre-training iteration 1 is one).
+        need(self.encoder_layers >= 0, "encoder_layers", "must be 0 or more")
         need(self.encoder_embed_dim % self.encoder_attention_heads == 0, "encoder_embed_dim",
              f"must be divisible by encoder_attention_heads={self.encoder_attention_heads}")
         need(self.encoder_embed_dim % self.conv_pos_groups == 0, "encoder_embed_dim",
