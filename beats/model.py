@@ -40,6 +40,20 @@ def frame_padding_mask(frames: torch.Tensor, num_positions: int) -> torch.Tensor
     return torch.arange(num_positions, device=frames.device) >= valid.unsqueeze(1)
 
 
+def check_fbank(features: torch.Tensor, frames: torch.Tensor) -> None:
+    """Refuse a filterbank batch whose shapes or frame counts cannot be right (one host
+    sync); for entry points that take a filterbank from callers."""
+    if features.dim() != 3 or features.shape[2] != NUM_MEL_BINS:
+        raise ValueError(f"the filterbank must be (B, T, {NUM_MEL_BINS}), got shape "
+                         f"{tuple(features.shape)}")
+    if frames.shape != features.shape[:1] or frames.is_floating_point():
+        raise ValueError(f"frames must be (B,) = ({features.shape[0]},) integers, got "
+                         f"{frames.dtype} {tuple(frames.shape)}")
+    if bool(((frames < 0) | (frames > features.shape[1])).any()):
+        raise ValueError(f"frames must count filterbank frames in [0, {features.shape[1]}] "
+                         f"(fbank's second output, not samples); got {frames.tolist()}")
+
+
 @dataclass
 class BEATsOutput:
     """What `BEATs.extract_features` returns.

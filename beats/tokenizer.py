@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import BEATsConfig
 from .inputs import ArrayLike
-from .model import BEATs
+from .model import BEATs, check_fbank
 from .quantizer import VectorQuantizer
 
 PAD_TOKEN = -1  # token id at padded positions
@@ -89,6 +89,7 @@ class BEATsTokenizer(BEATs):
         tokenizer's own dtype), whatever the caller's mode: labels do not change with the
         training precision. The module's mode is left as it was.
         """
+        check_fbank(features, frames)
         was_training = self.training
         self.eval()
         try:

@@ -126,7 +126,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     (lambda c: {**c, "model_type": "wav2vec2"}, "describes a 'wav2vec2' model, not a BEATs"),
     (lambda c: {**c, "beats_format_version": 2}, "format version 2; this beats reads up to"),
     (lambda c: [c], "must hold a JSON object"),
-    (lambda c: {**c, "encoder_layers": 0}, "encoder_layers=0: must be positive"),
+    (lambda c: {**c, "encoder_layers": -1}, "encoder_layers=-1: must be 0 or more"),
 ])
 def test_bad_config_json(tmp_path, edit, message):
     reference_model("postnorm_gru").save_pretrained(tmp_path)

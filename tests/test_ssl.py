@@ -353,6 +353,9 @@ def test_bad_labels_are_refused(batch):
         model(features, frames, masked, torch.full(masked.shape, 40))
     with pytest.raises(ValueError, match="labels have shape"):
         model(features, frames, masked, torch.zeros(3, 5, dtype=torch.long))
+    samples = torch.tensor([16000, 32000, 40000])  # sample lengths given for frame counts
+    with pytest.raises(ValueError, match="not samples"):
+        model(features, samples, masked)
 
 
 def test_export_is_an_ordinary_beats_checkpoint(tmp_path, batch):

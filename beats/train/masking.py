@@ -71,6 +71,9 @@ def kept_patches(
         kept count pointing at S (a spare slot past the end); kept_padding (B, S') bool,
         True at those rows; padding (B, S) bool, True at padded patches.
     """
+    if masked.dtype != torch.bool or masked.dim() != 2:
+        raise ValueError(f"masked must be a (B, S) bool tensor, got {masked.dtype} "
+                         f"{tuple(masked.shape)}")
     length = masked.shape[1]
     padding = frame_padding_mask(frames, length)
     if (masked & padding).any():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BEATsConfig
-from ..model import BEATs
+from ..model import BEATs, check_fbank
 from .blocks import TransformerStack
 from .masking import check_ratio, kept_patches
 
@@ -238,6 +238,7 @@ class BEATsForPretraining(nn.Module):
             frames: (B,) int64 valid frames per clip.
             masked: (B, S) bool, True at masked patches, S = 8 * (T // 16).
         """
+        check_fbank(features, frames)
         x = self.backbone.embed_patches(features)  # (B, S, C): every patch
         if masked.shape != x.shape[:2]:
             raise ValueError(f"masked has shape {tuple(masked.shape)}, the filterbank gives "
@@ -298,9 +299,9 @@ class BEATsForPretraining(nn.Module):
         num_labels = self.cfg.num_labels
         zero = logits.new_zeros((), dtype=torch.float32)
         if labels is None:
-            metrics = {name: torch.zeros((), dtype=torch.long) for name in
+            metrics = {name: target.new_zeros((), dtype=torch.long) for name in
                        ("masked_correct", "masked_count", "unmasked_correct", "unmasked_count")}
-            metrics["label_counts"] = torch.zeros(num_labels, dtype=torch.long)
+            metrics["label_counts"] = target.new_zeros(num_labels, dtype=torch.long)
             return SSLOutput(logits, zero, target.sum(), metrics)
         if labels.shape != masked.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
