@@ -21,7 +21,11 @@ def relative_position_buckets(
     the last bucket. Computed in float32 in the original's order so that edges match.
     """
     positions = torch.arange(length, dtype=torch.long, device=device)
-    offset = positions[None, :] - positions[:, None]
+    return offset_buckets(positions[None, :] - positions[:, None], num_buckets, max_distance)
+
+
+def offset_buckets(offset: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket index (int64, same shape) of each relative offset j - i in ``offset``."""
     half = num_buckets // 2
     exact = half // 2
     base = (offset > 0).to(torch.long) * half
@@ -90,6 +94,17 @@ class MultiheadAttention(nn.Module):
         # Contiguous once here rather than read strided by every layer's gate product.
         return self.relative_attention_bias(buckets).permute(2, 0, 1).contiguous()
 
+    def position_bias_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The ungated bias P (B, H, S', S') of sequences whose entries sit at ``positions``.
+
+        ``positions`` (B, S') int64 holds each entry's index in the full sequence (for
+        pre-training on kept patches only), so query i and key j get the bucket of the
+        true offset ``positions[j] - positions[i]``.
+        """
+        offset = positions.unsqueeze(1) - positions.unsqueeze(2)  # [b, i, j] = p_j - p_i
+        buckets = offset_buckets(offset, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2).contiguous()
+
     def _cached_buckets(self, length: int, device: torch.device) -> torch.Tensor:
         key = (length, device.type, device.index)
         buckets = self._buckets.get(key)
@@ -151,14 +166,14 @@ class MultiheadAttention(nn.Module):
             gate_logits: (B, H, S, 2) the GRU gate's two logits per head and query, or
                 None without the gate (G = 1).
             key_padding_mask: (B, S) True at padding, or None when nothing is padded.
-            position_bias: (H, S, S) ungated bias P, or None.
+            position_bias: (H, S, S) ungated bias P, (B, H, S, S) one per clip, or None.
             dtype: the mask's dtype (the queries').
             out: optional (B, H, S, S) buffer to write the mask into when it has to be
                 materialised (outside autograd only); saves a large allocation per layer.
 
         Returns:
             None, or a mask broadcastable to (B, H, S, S): (B, 1, 1, S) padding only,
-            (1, H, S, S) an ungated bias, else (B, H, S, S).
+            (1, H, S, S) an ungated shared bias, else (B, H, S, S).
         """
         neg = None
         if key_padding_mask is not None:
@@ -167,7 +182,9 @@ class MultiheadAttention(nn.Module):
             neg = neg.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         if position_bias is None:
             return neg
-        bias = position_bias.to(dtype).unsqueeze(0)  # (1, H, S, S)
+        bias = position_bias.to(dtype)
+        if bias.dim() == 3:
+            bias = bias.unsqueeze(0)  # (1, H, S, S)
         if gate_logits is None:
             if neg is None:
                 return bias
@@ -186,7 +203,8 @@ class MultiheadAttention(nn.Module):
         position_bias: torch.Tensor | None = None,
         mask_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S).
+        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)
+        or (B, H, S, S).
 
         ``mask_buffer``: see `attention_mask`. Attention runs through
         ``scaled_dot_product_attention`` with the mask as an additive float mask.

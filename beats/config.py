@@ -145,6 +145,8 @@ class BEATsConfig:
 
         need(self.input_patch_size == 16, "input_patch_size",
              "only 16 is supported (the filterbank has 128 mel bins = 8 patches of 16)")
+        # 0 layers is a real model: the front end and positional convolution only (the
+        # random-projection tokenizer of pre-training iteration 1 is one).
         need(self.encoder_layers >= 0, "encoder_layers", "must be 0 or more")
         for key in ("embed_dim", "encoder_embed_dim", "encoder_ffn_embed_dim",
                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "predictor_class",

@@ -59,7 +59,8 @@ class EncoderLayer(nn.Module):
         position_bias: torch.Tensor | None = None,
         mask_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)."""
+        """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)
+        shared or (B, H, S, S) per clip."""
         if self.layer_norm_first:
             x = x + self.dropout1(self.self_attn(
                 self.self_attn_layer_norm(x), key_padding_mask, position_bias, mask_buffer
@@ -101,6 +102,8 @@ class TransformerEncoder(nn.Module):
         *,
         output_hidden_states: bool = False,
         output_layer: int | None = None,
+        positions: torch.Tensor | None = None,
+        conv_length: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Run the encoder on patch embeddings.
 
@@ -113,13 +116,21 @@ class TransformerEncoder(nn.Module):
                 output of layer j, all before the final pre-norm LayerNorm.
             output_layer: stop after layer k (0..L) and return its output; layers above k
                 are not run, and the final pre-norm LayerNorm is not applied.
+            positions: (B, S) int64, for a subset of a longer sequence (pre-training runs
+                the kept patches only): each entry's index in the full sequence. Relative
+                position buckets then use the true offsets. None: entry i is at i.
+            conv_length: with ``positions``, run the positional convolution over the full
+                sequence of this length (entries scattered to their positions, every other
+                position zero) and gather the result back; None runs it over x as given
+                (compacted). Entries at padded rows may hold any position in
+                [0, conv_length]: they are zero, so they add nothing.
 
         Returns:
             ``(x, hidden_states)``: x (B, S, C); hidden_states a tuple, empty unless asked.
         """
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        x = x + self._pos_conv(x, positions, conv_length)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = F.dropout(x, p=self.dropout, training=self.training)
@@ -129,7 +140,10 @@ class TransformerEncoder(nn.Module):
         position_bias = mask_buffer = None
         if self.relative_position_embedding and stop > 0:
             attn = self.layers[0].self_attn
-            position_bias = attn.position_bias(x.shape[1], x.device)
+            if positions is None:
+                position_bias = attn.position_bias(x.shape[1], x.device)
+            else:
+                position_bias = attn.position_bias_at(positions)
             if not torch.is_grad_enabled() and not is_tracing():
                 # One (B, H, S, S) buffer for every layer's gated mask: a fresh allocation
                 # of this size per layer costs more than writing it (page faults on CPU).
@@ -146,6 +160,22 @@ class TransformerEncoder(nn.Module):
         if self.layer_norm_first and output_layer is None:
             x = self.layer_norm(x)
         return x, tuple(hidden)
+
+    def _pos_conv(
+        self, x: torch.Tensor, positions: torch.Tensor | None, conv_length: int | None
+    ) -> torch.Tensor:
+        """The positional convolution's output (B, S, C), compacted or scattered."""
+        if conv_length is None:
+            return self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if positions is None:
+            raise ValueError("conv_length needs positions")
+        batch, _, dim = x.shape
+        index = positions.unsqueeze(-1).expand(-1, -1, dim)
+        # One spare position at the end takes padded rows placed there; adding (not
+        # writing) makes rows that share a position harmless, since padded rows are zero.
+        full = x.new_zeros(batch, conv_length + 1, dim).scatter_add(1, index, x)
+        out = self.pos_conv(full.transpose(1, 2)).transpose(1, 2)
+        return out.gather(1, index)
 
 
 def init_weights(encoder: nn.Module, cfg: BEATsConfig) -> None:

@@ -28,8 +28,31 @@ def patch_padding_mask(lengths: torch.Tensor, num_positions: int) -> torch.Tenso
     first 8 * (T // 16) positions are valid (spec section 8).
     """
     frames = torch.div(lengths - 400, 160, rounding_mode="floor") + 1
-    valid = PATCHES_PER_STEP * torch.div(frames.clamp(min=0), 16, rounding_mode="floor")
-    return torch.arange(num_positions, device=lengths.device) >= valid.unsqueeze(1)
+    return frame_padding_mask(frames.clamp(min=0), num_positions)
+
+
+def frame_padding_mask(frames: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Patch-level padding mask (B, S), True at padding, from valid frame counts (B,).
+
+    A clip of T frames has T // 16 whole time steps: its first 8 * (T // 16) positions
+    are valid.
+    """
+    valid = PATCHES_PER_STEP * torch.div(frames, 16, rounding_mode="floor")
+    return torch.arange(num_positions, device=frames.device) >= valid.unsqueeze(1)
+
+
+def check_fbank(features: torch.Tensor, frames: torch.Tensor) -> None:
+    """Refuse a filterbank batch whose shapes or frame counts cannot be right (one host
+    sync); for entry points that take a filterbank from callers."""
+    if features.dim() != 3 or features.shape[2] != NUM_MEL_BINS:
+        raise ValueError(f"the filterbank must be (B, T, {NUM_MEL_BINS}), got shape "
+                         f"{tuple(features.shape)}")
+    if frames.shape != features.shape[:1] or frames.is_floating_point():
+        raise ValueError(f"frames must be (B,) = ({features.shape[0]},) integers, got "
+                         f"{frames.dtype} {tuple(frames.shape)}")
+    if bool(((frames < 0) | (frames > features.shape[1])).any()):
+        raise ValueError(f"frames must count filterbank frames in [0, {features.shape[1]}] "
+                         f"(fbank's second output, not samples); got {frames.tolist()}")
 
 
 @dataclass
@@ -208,15 +231,39 @@ class BEATs(nn.Module):
         Args:
             wav: (B, N) float32 samples in [-1, 1], zero past each clip's length.
             lengths: (B,) int64 valid samples per clip, each >= 2800.
+            output_hidden_states, output_layer, mask_keys: as in `forward_fbank`.
+        """
+        features, frames = fbank(wav, lengths, mean=self.cfg.fbank_mean, std=self.cfg.fbank_std)
+        return self.forward_fbank(
+            features, frames, output_hidden_states=output_hidden_states,
+            output_layer=output_layer, mask_keys=mask_keys,
+        )
+
+    def forward_fbank(
+        self,
+        features: torch.Tensor,
+        frames: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+        mask_keys: bool | None = None,
+    ) -> BEATsOutput:
+        """Everything after the filterbank, so that several models can share one.
+
+        Args:
+            features: (B, T, 128) filterbank (`beats.fbank.fbank`) normalised with this
+                model's statistics (``cfg.fbank_mean``, ``cfg.fbank_std``), zero past each
+                clip's frames.
+            frames: (B,) int64 valid frames per clip (the second output of ``fbank``),
+                each >= 16.
             output_hidden_states, output_layer: as in `extract_features` (``output_layer``
                 in 0..L).
             mask_keys: give attention the key padding mask. None decides from the data
                 (one host sync): only when some position is padded. Traced graphs pass
                 True, which gives the same result for any lengths.
         """
-        features, _ = fbank(wav, lengths, mean=self.cfg.fbank_mean, std=self.cfg.fbank_std)
         x = self.embed_patches(features)
-        mask = patch_padding_mask(lengths, x.shape[1])
+        mask = frame_padding_mask(frames, x.shape[1])
         if mask_keys is None:
             mask_keys = bool(mask.any())
         x, hidden = self.encoder(

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import BEATsConfig
 from .inputs import ArrayLike
-from .model import BEATs
+from .model import BEATs, check_fbank
 from .quantizer import VectorQuantizer
 
 PAD_TOKEN = -1  # token id at padded positions
@@ -79,3 +79,22 @@ class BEATsTokenizer(BEATs):
             out = self.extract_features(wav, padding_mask, lengths=lengths)
             labels = self.tokens_from_features(out.features, out.padding_mask)
         return TokenizerOutput(labels=labels, padding_mask=out.padding_mask)
+
+    def labels_from_fbank(self, features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, S) int64 of a filterbank, `PAD_TOKEN` (-1) at padding.
+
+        The label source of pre-training: it reads the same filterbank as the model being
+        trained (``features`` (B, T, 128) and ``frames`` (B,) from `beats.fbank.fbank`).
+        Always computed as in eval mode, without gradients and outside autocast (in the
+        tokenizer's own dtype), whatever the caller's mode: labels do not change with the
+        training precision. The module's mode is left as it was.
+        """
+        check_fbank(features, frames)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+                out = self.forward_fbank(features, frames)
+                return self.tokens_from_features(out.features, out.padding_mask)
+        finally:
+            self.train(was_training)

@@ -41,3 +41,25 @@ def test_quick_run_prints_the_table(capsys):
     assert by_path["fast-fp32"]["max_diff"] <= 1e-4
     assert by_path["fast-bf16"]["min_cos"] >= 0.999
     assert all(r["audio_per_s"] > 0 for r in rows)
+
+
+def test_pretrain_step_flops_of_the_base_preset():
+    from beats.train.ssl import SSLConfig
+    from benchmarks.pretrain_bench import step_flops
+
+    cfg = SSLConfig.preset("base")
+    # Hand count, 10 s clip (496 patches, 124 kept): front 520093696 + positional conv
+    # 2*124*768*48*128 = 1170210816 + 12 encoder layers on 124 = 21648900096 + 3 predictor
+    # layers on 496 = 23349362688 + projection and head 2*496*768*(768+1024) = 1365245952
+    assert step_flops(cfg, 496, 124) == 48_053_813_248
+    assert step_flops(cfg, 496, 496) == 123_312_996_352
+
+
+def test_quick_pretrain_bench_prints_the_table(capsys):
+    from benchmarks import pretrain_bench
+
+    rows = pretrain_bench.main(["--quick", "--positions", "true", "--no-bf16"])
+    text = capsys.readouterr().out
+    assert "| path | audio s/s | step s | vs full |" in text and "load average" in text
+    assert [r["path"] for r in rows] == ["full", "masked-true"]
+    assert all(r["audio_per_s"] > 0 for r in rows)
