@@ -29,7 +29,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, audio_info, load_audio
-from .files import InputFile, discover_inputs, folder_lock, printable
+from .files import (
+    InputFile,
+    discover_inputs,
+    folder_lock,
+    printable,
+    remove_stale_temporaries,
+)
 from .inputs import MIN_SAMPLES, pad_to_minimum
 from .manifest import FAILED, OK, PADDED, ManifestWriter, Record, latest_by_key, read_manifest
 from .model import PATCHES_PER_STEP, BEATs, BEATsOutput
@@ -408,6 +414,7 @@ def _open_run(
         try:
             stack.enter_context(folder_lock(output_dir, command))
             check_run_file(output_dir, options.fingerprint(model_name), options.resume)
+            remove_stale_temporaries(output_dir)  # a killed run's half-written files
             fold_rank_manifests(output_dir)
             outcome = new_run_id()
         except Exception as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +146,23 @@ def temporary_folder(parent: Path, prefix: str) -> Path:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     return _new_name(parent, prefix, "", lambda p: os.mkdir(p, 0o777))
+
+
+# What `atomic_path` names its temporary files: ``.<name>.<12 hex digits>.tmp``.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files `atomic_path` left under ``folder`` (a run killed while
+    writing); returns how many. Only for a caller holding the folder's `folder_lock`: then
+    no live writer owns them."""
+    removed = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            if _TEMPORARY.match(name):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _new_name(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:

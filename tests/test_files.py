@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,27 @@ def test_folder_lock_of_a_live_process_holds_and_a_killed_one_does_not(tmp_path)
     assert (out / LOCK_NAME).exists()  # the file stays, the lock does not
     with folder_lock(out):
         pass
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    """A process killed inside `atomic_path` leaves its temporary file; a run that holds the
+    folder removes such files (and nothing else)."""
+    from beats.files import remove_stale_temporaries
+
+    target = tmp_path / "sub" / "a.wav.npy"
+    code = ("import os, signal, sys\n"
+            "from pathlib import Path\n"
+            "from beats.files import atomic_path\n"
+            "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+            "    tmp.write_bytes(b'half')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p.name for p in (tmp_path / "sub").iterdir()]
+    assert len(left) == 1 and left[0].startswith(".a.wav.npy.") and left[0].endswith(".tmp")
+    keep = [tmp_path / ".notes.tmp", tmp_path / "b.tmp", tmp_path / "sub" / "a.npy"]
+    for p in keep:
+        p.write_bytes(b"mine")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.npy"]
+    assert all(p.read_bytes() == b"mine" for p in keep)
