@@ -45,7 +45,8 @@ class BEATsOutput:
         padding_mask: (B, S) bool, True at padded positions.
         hidden_states: L + 1 tensors (B, S, C) when asked for, else None.
         logits: (B, classes) fine-tuned models: the predictor averaged over valid positions.
-        probs: (B, classes) ``sigmoid(logits)``.
+        probs: (B, classes) ``sigmoid(logits)``, or ``softmax`` for single-label
+            fine-tunes (``cfg.predictor_activation``).
     """
 
     features: torch.Tensor
@@ -94,7 +95,8 @@ class BEATs(nn.Module):
             self.predictor: nn.Linear | None = nn.Linear(dim, cfg.predictor_class)
         else:
             self.predictor = None
-        self.label_dict: dict[int, str] | None = None  # class index -> AudioSet MID
+        # class index -> AudioSet MID, or the class name of a `beats finetune` model
+        self.label_dict: dict[int, str] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -213,6 +215,27 @@ class BEATs(nn.Module):
                 True, which gives the same result for any lengths.
         """
         features, _ = fbank(wav, lengths)
+        return self.forward_fbank(features, lengths, output_hidden_states=output_hidden_states,
+                                  output_layer=output_layer, mask_keys=mask_keys)
+
+    def forward_fbank(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        output_hidden_states: bool = False,
+        output_layer: int | None = None,
+        mask_keys: bool | None = None,
+    ) -> BEATsOutput:
+        """`forward_waveform` after the filterbank: for training code that changes the
+        filterbank (SpecAugment masks) or shares one between models.
+
+        Args:
+            features: (B, T, 128) normalised filterbank (`beats.fbank.fbank`).
+            lengths: (B,) valid samples per clip of the waveform it came from (they set
+                the padding mask).
+            output_hidden_states, output_layer, mask_keys: as in `forward_waveform`.
+        """
         x = self.embed_patches(features)
         mask = patch_padding_mask(lengths, x.shape[1])
         if mask_keys is None:
@@ -232,8 +255,15 @@ class BEATs(nn.Module):
             # Pooled in float32 whatever the model's dtype; logits and probs are float32.
             scores = self.predictor(self.predictor_dropout(x)).float() * keep
             out.logits = scores.sum(dim=1) / keep.sum(dim=1)
-            out.probs = torch.sigmoid(out.logits)
+            out.probs = self.activate(out.logits)
         return out
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from logits (B, classes): ``sigmoid`` (multi-label, the released
+        models) or ``softmax`` over classes, as ``cfg.predictor_activation`` says."""
+        if self.cfg.predictor_activation == "softmax":
+            return logits.softmax(dim=-1)
+        return torch.sigmoid(logits)
 
     def _layer_index(self, output_layer: int | None) -> int | None:
         """``output_layer`` checked and mapped to 0..L (negative counts from the end)."""

@@ -31,6 +31,7 @@ from .audio import AUDIO_EXTENSIONS
 from .files import InputFile, atomic_path, atomic_write
 from .heads import Head, classification_loss
 from .manifest import FAILED, latest_by_key, read_manifest
+from .metrics import accuracy, macro_f1, mean_average_precision
 
 KINDS = ("linear", "attentive")
 
@@ -52,7 +53,7 @@ class LabelledSet:
         if not self.classes:
             self.classes = sorted({c for labels in self.labels for c in labels})
         if len(self.classes) < 2:
-            raise ValueError(f"a probe needs at least 2 classes, found {self.classes}")
+            raise ValueError(f"a classifier needs at least 2 classes, found {self.classes}")
         self.multilabel = self.multilabel or any(len(ls) != 1 for ls in self.labels)
 
     def targets(self) -> torch.Tensor:
@@ -196,26 +197,10 @@ class Probe(nn.Module):
 
 # --------------------------------------------------------------------------- metrics
 def metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> dict[str, float]:
-    """accuracy and macro F1 (single-label), or mAP (multi-label)."""
+    """accuracy and macro F1 (single-label), or mAP (multi-label): see `beats.metrics`."""
     if multilabel:
-        aps = []
-        for k in range(targets.shape[1]):
-            positives = targets[:, k] > 0.5
-            if not positives.any():
-                continue
-            order = logits[:, k].argsort(descending=True)
-            hits = positives[order].float()
-            precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-            aps.append(float((precision * hits).sum() / hits.sum()))
-        return {"mAP": float(np.mean(aps)) if aps else 0.0}
-    pred = logits.argmax(dim=1)
-    f1s = []
-    for k in sorted(set(targets.tolist()) | set(pred.tolist())):
-        tp = int(((pred == k) & (targets == k)).sum())
-        fp = int(((pred == k) & (targets != k)).sum())
-        fn = int(((pred != k) & (targets == k)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": float((pred == targets).float().mean()), "macro_f1": float(np.mean(f1s))}
+        return {"mAP": mean_average_precision(logits, targets)[0]}
+    return {"accuracy": accuracy(logits, targets), "macro_f1": macro_f1(logits, targets)}
 
 
 def _score(m: dict[str, float]) -> float:
