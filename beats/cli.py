@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from . import __version__
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
-SUBCOMMANDS: list[str] = ["extract", "tag", "tokenize", "probe", "models", "convert"]
+SUBCOMMANDS: list[str] = [
+    "extract", "tag", "tokenize", "probe", "finetune", "models", "convert",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as typed (--config-file)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

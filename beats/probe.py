@@ -85,22 +85,49 @@ def read_folder(root: str | os.PathLike) -> LabelledSet:
 
 
 def read_csv(path: str | os.PathLike) -> LabelledSet:
-    """Columns ``path,label[,fold]``; ``label`` may hold several labels joined by ``;``."""
+    """A labelled table, in one of two layouts (paths relative to the CSV):
+
+    - ``path,label[,fold]``: ``label`` holds one class, or several joined by ``;``
+      (multi-label);
+    - ``path,CLASS_1,...,CLASS_K[,fold]``: a multi-label header naming the classes, each
+      row 1 (or 0 / empty) under each class.
+
+    A row whose fields do not match the header is refused with its line number.
+    """
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0] or "label" not in rows[0]:
-        raise ValueError(f"{path}: needs a header with columns path,label[,fold]")
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        rows = list(reader)
+    if "path" not in header or len(header) < 2:
+        raise ValueError(f"{path}: needs a header with columns path,label[,fold] (or "
+                         "path,CLASS_1,...,CLASS_K[,fold] for multi-label)")
+    wide = "label" not in header
+    classes = [h for h in header if h not in ("path", "fold")] if wide else []
+    if wide and len(classes) < 2:
+        raise ValueError(f"{path}: a multi-label header needs 2 or more class columns after "
+                         f"'path', got {classes}")
     paths, labels, folds = [], [], []
     for number, row in enumerate(rows, start=2):
-        names = tuple(sorted({x.strip() for x in (row["label"] or "").split(";") if x.strip()}))
-        if not names:
-            raise ValueError(f"{path}:{number}: empty label")
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{path}:{number}: the row has a different number of fields "
+                             f"than the header ({len(header)}: {','.join(header)})")
+        row = {k.strip(): v.strip() for k, v in row.items()}
+        if wide:
+            bad = {c: row[c] for c in classes if row[c] not in ("0", "1", "")}
+            if bad:
+                raise ValueError(f"{path}:{number}: {bad} do not match the multi-label "
+                                 "header: each class column holds 1 (has the label) or 0")
+            names = tuple(sorted(c for c in classes if row[c] == "1"))
+        else:
+            names = tuple(sorted({x.strip() for x in row["label"].split(";") if x.strip()}))
+            if not names:
+                raise ValueError(f"{path}:{number}: empty label")
         p = Path(row["path"])
         paths.append((p if p.is_absolute() else path.parent / p).resolve())
         labels.append(names)
-        folds.append((row.get("fold") or "").strip() or None)
-    return LabelledSet(paths, labels, folds)
+        folds.append(row.get("fold") or None)
+    return LabelledSet(paths, labels, folds, classes=sorted(classes), multilabel=wide)
 
 
 def read_labelled_set(source: str | os.PathLike) -> LabelledSet:
