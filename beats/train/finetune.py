@@ -483,7 +483,7 @@ def _run(backbone: BEATs, data: LabelledClips, rows: list[int], durations: dict[
     report: dict[str, Any] = {
         "classes": data.classes, "multilabel": data.multilabel, "clips": len(rows),
         "train_clips": len(train), "val_clips": len(val), "test_clips": len(test),
-        "failed_files": [{"path": p, "error": e} for p, e in failed + fit.failed],
+        "failed_files": [{"path": p, "error": e} for p, e in fit.failed],
         "steps": fit.steps, "best_step": fit.best_step, "stopped_early": fit.stopped_early,
         "training_seconds": round(fit.seconds, 3),
     }
