@@ -225,3 +225,48 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, sound_classes_dir, tiny
     whole_losses = [json.loads(x).get("loss")
                     for x in (whole / "metrics.jsonl").read_text().splitlines()]
     assert losses == whole_losses
+
+
+# --------------------------------------------------------------------------- processes
+DP = ["--steps", "4", "--batch-size", "8", "--crop-seconds", "1", "--lr", "1e-3",
+      "--dropout", "0", "--attention-dropout", "0", "--head-dropout", "0", "--layerdrop", "0",
+      "--mixup", "0", "-j", "0", "-q", "--val-fraction", "0", "--test-fraction", "0",
+      "--device", "cpu"]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    from .test_extract import _free_port
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+         "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "beats", "finetune", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(mode, tmp_path, sound_classes_dir, tiny_checkpoint):
+    """2 gloo processes (each 4 clips per step in micro-batches of 2) end with the weights
+    of 1 process taking the 8 clips at once; SpecAugment masks are on (drawn per item)."""
+    data = _small_copy(sound_classes_dir, tmp_path / "data", per_class=4)
+    common = [str(data), "-m", str(tiny_checkpoint), *DP]
+    single = tmp_path / "single"
+    proc = finetune(*common, "-o", str(single))
+    assert proc.returncode == 0, proc.stderr
+    multi = tmp_path / "multi"
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    proc = _torchrun(*common, "-o", str(multi), "--micro-batch", "2", *extra)
+    assert proc.returncode == 0, proc.stderr
+    a = load_file(single / "model" / "model.safetensors")
+    b = load_file(multi / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float((a[k] - load_file(tiny_checkpoint / "model.safetensors").get(k, a[k]))
+                      .abs().max()) for k in a)
+    assert moved > 1e-3  # training changed the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    steps_a = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(steps_a, steps_b, strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-4)

@@ -6,8 +6,9 @@ all-reduce per bucket). The task may call any method of its model (``forward_fba
 a predictor, a teacher), layers skipped by layerdrop simply contribute zeros, and
 because each loss is divided by the GLOBAL count of loss terms, the summed gradient is
 the one a single process would compute on the whole step. With ``--fsdp`` every encoder
-layer and the model are sharded with FSDP2 ``fully_shard``; its reduce-scatter is told
-to sum (divide factor 1) for the same reason.
+layer and the model are sharded with FSDP2 ``fully_shard``; its reduce-scatter averages,
+so the loop multiplies the loss by the world size (gloo has no pre-multiplied sum that
+a divide factor of 1 would need).
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
 def shard(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype | None = None) -> None:
     """FSDP2: ``fully_shard`` each of ``layers`` and then ``model`` (in place).
 
-    Gradients are summed, not averaged, over processes (see the module docstring).
-    ``dtype``: compute dtype of the sharded parameters (None: autocast decides).
+    FSDP averages the gradients over processes; the loop scales the loss by the world
+    size to make that the sum. ``dtype``: compute dtype of the sharded parameters (None:
+    autocast decides).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -147,8 +149,6 @@ def shard(model: nn.Module, layers: list[nn.Module], dtype: torch.dtype | None =
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    for module in [*layers, model]:
-        module.set_gradient_divide_factor(1.0)
 
 
 def register_methods(model: nn.Module, names: list[str]) -> None:

@@ -63,16 +63,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..files import FolderBusyError, atomic_write, folder_lock
-from ..manifest import FAILED, ManifestWriter, Record
 from ..workers import worker_init
-from . import distributed, state
+from . import distributed, logs, state
 from .config import TrainConfig
 from .schedule import lr_factor, warmup_steps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-FAILED_FILE = "failed.jsonl"
+METRICS_FILE = logs.METRICS_FILE
 
 
 class RunError(ValueError):
@@ -117,8 +115,14 @@ class Task:
         return None
 
     def fsdp_units(self) -> list[nn.Module]:
+        """Modules sharded one by one: the encoder layers, except layer 0 when it holds
+        the relative position table that every layer uses (the encoder reads it outside
+        layer 0's forward, so it stays in the model's own unit, gathered throughout)."""
         encoder = getattr(self.model, "encoder", None)
-        return list(getattr(encoder, "layers", []))
+        layers = list(getattr(encoder, "layers", []))
+        if getattr(encoder, "relative_position_embedding", False):
+            return layers[1:]
+        return layers
 
     def run_info(self) -> dict[str, Any]:
         """Extra entries for ``OUT/config.json`` (data, model, classes, ...)."""
@@ -241,65 +245,6 @@ def _load_full_state(model: nn.Module, opt: torch.optim.Optimizer, saved: dict[s
     set_optimizer_state_dict(model, opt, saved.get("optimizer", {}), options=options)
 
 
-# --------------------------------------------------------------------------- logging
-class _Log:
-    """metrics.jsonl (+ TensorBoard when installed) on rank 0; the tqdm bar."""
-
-    def __init__(self, out_dir: Path, start: int, total: int, d: distributed.Dist,
-                 quiet: bool) -> None:
-        self.main = d.main
-        self.path = out_dir / METRICS_FILE
-        self.file = None
-        self.tb = None
-        self.bar = None
-        if not self.main:
-            return
-        if self.path.exists():  # drop lines past the resumed step: the file reads as one run
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
-            with atomic_write(self.path, "w") as f:
-                f.write("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
-        except ImportError:
-            self.tb = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def write(self, entry: dict[str, Any]) -> None:
-        if not self.main:
-            return
-        assert self.file is not None
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in entry.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, entry["step"])
-            self.tb.flush()
-        if self.bar is not None and "loss" in entry:
-            self.bar.set_postfix(loss=f"{entry['loss']:.4g}", lr=f"{entry['lr']:.2e}")
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        for thing in (self.file, self.tb, self.bar):
-            if thing is not None:
-                thing.close()
-
-
 # --------------------------------------------------------------------------- the loop
 def steps_for(cfg: TrainConfig, num_items: int, clip_seconds: float | None) -> tuple[int, int]:
     """(clips per step, total steps) for ``num_items`` training items."""
@@ -382,11 +327,11 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         prefetch_factor=2 if cfg.num_workers else None)
-    log = _Log(out_dir, start, total, d, cfg.quiet)
-    failures = _Failures(out_dir, d)
+    log = logs.RunLog(out_dir, start, total, d, cfg.quiet)
+    failures = logs.Failures(out_dir, d)
     failures.add([list(task.failed) if d.main else []])
     failures.flush()
-    window = _Window()
+    window = logs.Window()
     step = start
     try:
         batches = iter(loader)
@@ -449,6 +394,10 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
     for g in opt.param_groups:
         g["lr"] = cfg.lr * g["lr_scale"] * factor
     task.train_mode()
+    # FSDP averages gradients over processes (gloo has no pre-multiplied sum to make it
+    # sum): a loss scaled by the world size undoes that (exactly for a power-of-two world
+    # size, else up to float rounding)
+    fsdp_scale = d.world if cfg.fsdp else 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     sums: dict[str, torch.Tensor] = {}
     if count > 0:
@@ -459,9 +408,9 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
                 continue
             batch = _to_device(batch, d.device)
             with torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss, metrics = task.forward_loss(batch, count)
+                loss, metrics = task.forward_loss(batch, count / fsdp_scale)
             scaler.scale(loss).backward()
-            loss_sum += loss.detach().double()
+            loss_sum += loss.detach().double() / fsdp_scale
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
     if not cfg.fsdp:
@@ -531,69 +480,3 @@ def _save_last(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
             "loop": dict(loop), "rng": rngs, "world": d.world, "config": cfg.to_dict(),
         })
     distributed.barrier(d)
-
-
-class _Window:
-    """Sums over the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps, self.loss, self.seconds, self.wall = 0, 0.0, 0.0, 0.0
-        self.metrics: dict[str, list[float]] = {}
-        self.last: dict[str, Any] = {}
-
-    def add(self, result: dict[str, Any], wall: float) -> None:
-        self.steps += 1
-        self.loss += result["loss"]
-        self.seconds += result["seconds"]
-        self.wall += wall
-        self.last = result
-        for k, v in result.items():
-            if isinstance(v, tuple):
-                acc = self.metrics.setdefault(k, [0.0, 0.0])
-                acc[0] += v[0]
-                acc[1] += v[1]
-
-    def entry(self, step: int, epoch: float, d: distributed.Dist) -> dict[str, Any]:
-        out = {"step": step, "epoch": round(epoch, 4), "loss": self.loss / max(1, self.steps),
-               "lr": self.last.get("lr", 0.0), "grad_norm": self.last.get("grad_norm", 0.0),
-               "audio_seconds_per_second": self.seconds / self.wall if self.wall else 0.0}
-        for k, (total, n) in self.metrics.items():
-            out[k] = total / n if n else 0.0
-        self.reset()
-        return out
-
-
-class _Failures:
-    """Unreadable files met in training: gathered from every process at log steps and
-    recorded once each in ``OUT/failed.jsonl`` (manifest records, status ``failed``)."""
-
-    def __init__(self, out_dir: Path, d: distributed.Dist) -> None:
-        self.path = out_dir / FAILED_FILE
-        self.d = d
-        self.pending: list[tuple[str, str]] = []
-        self.all: list[tuple[str, str]] = []
-        self.seen: set[str] = set()
-
-    def add(self, lists: Any) -> None:
-        for failed in lists:
-            self.pending.extend(failed)
-
-    def flush(self) -> None:
-        gathered = distributed.gather_objects(self.pending, self.d)
-        self.pending = []
-        new = []
-        for part in gathered:
-            for source, error in part:
-                if source not in self.seen:
-                    self.seen.add(source)
-                    new.append((source, error))
-        if not new:
-            return
-        self.all.extend(new)
-        if self.d.main:
-            with ManifestWriter(self.path) as writer:
-                for source, error in new:
-                    writer.append(Record(source, Path(source).name, FAILED, error=error))
