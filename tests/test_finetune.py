@@ -52,7 +52,8 @@ def test_heldout_accuracy_and_report(finetuned):
     assert report["training_seconds"] > 0 and report["failed_files"] == []
     for name in ("model", "model-last"):
         assert (finetuned / name / "model.safetensors").is_file()
-    assert (finetuned / "state" / "last.pt").is_file() and (finetuned / "state" / "best.pt").is_file()
+    assert (finetuned / "state" / "last.pt").is_file()
+    assert (finetuned / "state" / "best.pt").is_file()
 
 
 def test_metrics_and_config_files(finetuned):
