@@ -41,3 +41,13 @@ def test_quick_run_prints_the_table(capsys):
     assert by_path["fast-fp32"]["max_diff"] <= 1e-4
     assert by_path["fast-bf16"]["min_cos"] >= 0.999
     assert all(r["audio_per_s"] > 0 for r in rows)
+
+
+def test_training_benchmark_quick_run(capsys):
+    from benchmarks import train_bench
+
+    rows = train_bench.main(["--quick"])
+    text = capsys.readouterr().out
+    assert "| path | audio s/s | s per step |" in text
+    assert [r["path"] for r in rows] == ["baseline", "fit-fp32", "fit-bf16"]
+    assert all(r["audio_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
