@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beats import BEATs
+from beats import BEATs, BEATsConfig
+from benchmarks.bench import TINY
 from tests.audio_files import order_classes
-from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FINETUNE = ["--epochs", "15", "--batch-size", "8", "--lr", "2e-3", "--crop-seconds", "3",
             "--eval-batch", "32", "-j", "0", "-q"]
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         root = Path(tmp)
         data = order_classes(root / "order", per_class=args.per_class)
         torch.manual_seed(0)
-        model = BEATs(tiny_config()).save_pretrained(root / "tiny")
+        model = BEATs(BEATsConfig(**TINY)).save_pretrained(root / "tiny")
         for seed in range(args.seeds):
             cli("probe", str(data), "-o", str(root / f"probe{seed}"), "-m", str(model), "-q",
                 "-j", "0", "--seed", str(seed))
