@@ -271,3 +271,71 @@ def test_two_processes_equal_one(mode, tmp_path, sound_classes_dir, tiny_checkpo
     steps_b = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(steps_a, steps_b, strict=True):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- API and options
+def test_python_api_on_arrays_multilabel_balanced_and_cv(tmp_path, sound_classes_dir,
+                                                          tiny_checkpoint):
+    from beats.audio import load_audio
+    from beats.train import FinetuneConfig, LabelledClips, finetune
+
+    items = []
+    for i, name in enumerate(("speech", "noise", "tonal")):
+        for j, path in enumerate(sorted((sound_classes_dir / name).glob("*.wav"))[:4]):
+            labels = [name] + (["loud"] if j % 2 else [])
+            items.append((load_audio(path)[0], labels, str((i + j) % 2)))
+    data = LabelledClips.from_items(items)
+    assert data.multilabel and data.classes == ["loud", "noise", "speech", "tonal"]
+    cfg = FinetuneConfig(steps=2, batch_size=4, lr=1e-3, num_workers=0, quiet=True,
+                         crop_seconds=1.0, balanced=True, val_fraction=0.0, test_fold="1",
+                         eval_every=1)
+    result = finetune(BEATs.from_pretrained(tiny_checkpoint), data, cfg, tmp_path / "out",
+                      cv=True)
+    report = result.report
+    assert report["multilabel"] and 0 <= report["test"]["mAP"] <= 1
+    assert "accuracy" not in report["test"] and "confusion_matrix" not in report["test"]
+    assert set(report["cv"]["folds"]) == {"0", "1"} and "mAP" in report["cv"]["mean"]
+    assert (tmp_path / "out" / "cv" / "fold-0" / "model" / "config.json").is_file()
+    model = result.model
+    assert model.cfg.predictor_activation == "sigmoid" and model.labels == data.classes
+    out = model.extract_features(items[0][0])
+    assert torch.allclose(out.probs, torch.sigmoid(out.logits))
+
+
+def test_config_file_repeats_a_run_and_the_command_line_overrides_it(tmp_path,
+                                                                      sound_classes_dir,
+                                                                      tiny_checkpoint):
+    data = _small_copy(sound_classes_dir, tmp_path / "data", per_class=3)
+    first = tmp_path / "first"
+    proc = finetune(str(data), "-o", str(first), "-m", str(tiny_checkpoint), "--steps", "1",
+                    "--batch-size", "3", "--lr", "7e-4", "--seed", "4", "-j", "0", "-q",
+                    "--crop-seconds", "1", "--val-fraction", "0", "--test-fraction", "0")
+    assert proc.returncode == 0, proc.stderr
+    second = tmp_path / "second"
+    proc = finetune("--config-file", str(first / "config.json"), "-o", str(second))
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((first / "config.json").read_text())
+    b = json.loads((second / "config.json").read_text())
+    assert a["config"] == b["config"] and a["data"] == b["data"] and a["model"] == b["model"]
+    wa = load_file(first / "model" / "model.safetensors")
+    wb = load_file(second / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same settings, same weights
+    third = tmp_path / "third"
+    proc = finetune("--config-file", str(first / "config.json"), "-o", str(third),
+                    "--lr", "1e-4")
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads((third / "config.json").read_text())["config"]
+    assert c["lr"] == 1e-4 and c["seed"] == 4 and c["steps"] == 1
+
+
+def test_help_documents_every_option_with_its_default():
+    proc = beats_cli("finetune", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    from beats.commands.finetune import OPTIONS
+
+    for name, flags, kind, _ in OPTIONS:
+        assert flags[-1] in text, flags
+    # every valued option, and -m (the registry's default model)
+    assert text.count("(default: ") == sum(kind != "flag" for *_, kind, _ in OPTIONS) + 1
+    assert "--test-fraction" in text and "--val-fold" in text and "--cv" in text
