@@ -172,16 +172,21 @@ def test_non_finite_loss_is_an_error_not_a_success(tmp_path, sound_classes_dir, 
     assert not (out / "report.json").exists()
 
 
-def test_bfloat16_autocast_run_has_a_finite_loss(tmp_path, sound_classes_dir, tiny_checkpoint):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_autocast_run_has_a_finite_loss(dtype, tmp_path, sound_classes_dir,
+                                                          tiny_checkpoint):
     data = _small_copy(sound_classes_dir, tmp_path / "data", per_class=3)
     out = tmp_path / "out"
-    proc = finetune(str(data), "-o", str(out), "-m", str(tiny_checkpoint), "--dtype", "bfloat16",
+    proc = finetune(str(data), "-o", str(out), "-m", str(tiny_checkpoint), "--dtype", dtype,
                     "--steps", "3", "--batch-size", "3", "-j", "0", "-q", "--crop-seconds", "1",
                     "--val-fraction", "0", "--test-fraction", "0", "--log-every", "1")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
-    assert all(math.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in lines)
+    assert all(math.isfinite(x["loss"]) for x in lines)
+    # float16 loss scaling may skip an overflowing step (grad_norm null); bf16 never does
+    assert all(x["grad_norm"] is None or x["grad_norm"] > 0 for x in lines)
+    assert dtype == "float16" or all(x["grad_norm"] for x in lines)
     assert (out / "model" / "model.safetensors").is_file()  # no validation: the last model
 
 
@@ -334,7 +339,7 @@ def test_help_documents_every_option_with_its_default():
     text = " ".join(proc.stdout.split())
     from beats.commands.finetune import OPTIONS
 
-    for name, flags, kind, _ in OPTIONS:
+    for _, flags, _kind, _ in OPTIONS:
         assert flags[-1] in text, flags
     # every valued option, and -m (the registry's default model)
     assert text.count("(default: ") == sum(kind != "flag" for *_, kind, _ in OPTIONS) + 1

@@ -238,6 +238,13 @@ def _layer_levels(model: BEATs) -> dict[str, int]:
     return levels
 
 
+def _fbank(wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The filterbank in float32 even under autocast: its power spectrum spans ~1e17 and
+    overflows float16 (bfloat16 would lose the low bins)."""
+    with torch.autocast(wav.device.type, enabled=False):
+        return fbank(wav.float(), lengths)[0]
+
+
 # --------------------------------------------------------------------------- the task
 class FinetuneTask(loop.Task):
     """Classification fine-tuning as a `beats.train.loop.Task`."""
@@ -320,7 +327,7 @@ class FinetuneTask(loop.Task):
         if self.cfg.mixup > 0:
             wav, lengths, targets = mixup(wav, lengths, targets, self.cfg.mixup,
                                           self.cfg.mixup_alpha)
-        features, _ = fbank(wav, lengths)
+        features = _fbank(wav, lengths)
         features = apply_masks(features, batch.get("time_masks"), batch.get("freq_masks"))
         logits = self.model.forward_fbank(features, lengths).logits
         assert logits is not None
@@ -353,8 +360,9 @@ class FinetuneTask(loop.Task):
             for batch in loader:
                 if batch["count"] == 0:
                     continue
-                out = self.model.forward_waveform(batch["wav"].to(device),
-                                                  batch["lengths"].to(device))
+                lengths = batch["lengths"].to(device)
+                out = self.model.forward_fbank(_fbank(batch["wav"].to(device), lengths),
+                                               lengths)
                 logits[batch["index"]] = out.logits.float().cpu()
                 kept[batch["index"]] = True
         targets = self.targets([c.target for c in clips])

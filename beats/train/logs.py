@@ -4,6 +4,7 @@ tensorboard is installed), the tqdm bar, and ``failed.jsonl`` of unreadable file
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,11 @@ class RunLog:
                 thing.close()
 
 
+def _finite(x: float) -> float | None:
+    """None for inf/NaN (a float16 step skipped by loss scaling), so the file stays JSON."""
+    return x if math.isfinite(x) else None
+
+
 class Window:
     """Sums over the steps since the last log line."""
 
@@ -98,7 +104,8 @@ class Window:
 
     def entry(self, step: int, epoch: float, d: distributed.Dist) -> dict[str, Any]:
         out = {"step": step, "epoch": round(epoch, 4), "loss": self.loss / max(1, self.steps),
-               "lr": self.last.get("lr", 0.0), "grad_norm": self.last.get("grad_norm", 0.0),
+               "lr": self.last.get("lr", 0.0),
+               "grad_norm": _finite(self.last.get("grad_norm", 0.0)),
                "audio_seconds_per_second": self.seconds / self.wall if self.wall else 0.0}
         for k, (total, n) in self.metrics.items():
             out[k] = total / n if n else 0.0

@@ -70,6 +70,7 @@ from .schedule import lr_factor, warmup_steps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_FILE = "config.json"
+MAX_SKIPPED = 20  # float16: consecutive overflowing steps before the run is given up
 METRICS_FILE = logs.METRICS_FILE
 
 
@@ -332,6 +333,7 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
     failures.add([list(task.failed) if d.main else []])
     failures.flush()
     window = logs.Window()
+    skipped = [0]  # consecutive float16 steps skipped for overflowing gradients
     step = start
     try:
         batches = iter(loader)
@@ -339,7 +341,7 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
             micro = [next(batches) for _ in range(sampler.accum)]
             tic = time.perf_counter()
             result = _train_step(task, cfg, model, opt, scaler, params, micro, step, total,
-                                 warmup, dtype, d)
+                                 warmup, dtype, d, skipped)
             task.after_step(step)
             step += 1
             window.add(result, time.perf_counter() - tic)
@@ -385,7 +387,8 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
 def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, params: list[nn.Parameter],
                 micro: list[dict[str, Any]], step: int, total: int, warmup: int,
-                dtype: torch.dtype, d: distributed.Dist) -> dict[str, Any]:
+                dtype: torch.dtype, d: distributed.Dist, skipped: list[int]
+                ) -> dict[str, Any]:
     """One optimiser step over this process's micro-batches; global sums of the step."""
     local = torch.tensor([float(sum(b["count"] for b in micro)),
                           float(sum(b["seconds"] for b in micro))], dtype=torch.float64)
@@ -422,13 +425,23 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if count > 0 and not (math.isfinite(loss_value) and math.isfinite(norm)) and not \
-            scaler.is_enabled():
+    # float16's loss scaling skips a step whose gradients overflow (and lowers the scale);
+    # anything else that is not finite, the loss above all, ends the run
+    bad = None
+    if count > 0 and not math.isfinite(loss_value):
+        bad = f"the loss is not finite ({loss_value})"
+    elif count > 0 and not math.isfinite(norm) and not scaler.is_enabled():
+        bad = f"the gradient norm is not finite ({norm})"
+    elif count > 0 and not math.isfinite(norm):
+        skipped[0] += 1
+        if skipped[0] >= MAX_SKIPPED:
+            bad = f"float16 gradients overflowed {MAX_SKIPPED} steps in a row"
+    else:
+        skipped[0] = 0
+    if bad:
         raise TrainingError(
-            f"step {step + 1}: the {'loss' if not math.isfinite(loss_value) else 'gradient norm'}"
-            f" is not finite ({loss_value if not math.isfinite(loss_value) else norm}); lower "
-            "--lr, raise --warmup-steps, use --dtype float32, or check the data. The last "
-            "good training state is in state/last.pt"
+            f"step {step + 1}: {bad}; lower --lr, raise --warmup-steps, use --dtype float32, "
+            "or check the data. The last good training state is in state/last.pt"
         )
     if count > 0:
         scaler.step(opt)
