@@ -93,6 +93,14 @@ def test_finetuned_checkpoint_names_its_classes_and_reloads_bit_exactly(
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.label_dict == model.label_dict
+    # the Microsoft layout (cfg, model, label_dict) carries it too, through beats convert
+    pt = tmp_path / "finetuned.pt"
+    torch.save({"cfg": model.cfg.to_dict(), "model": model.state_dict(),
+                "label_dict": model.label_dict}, pt)
+    assert beats_cli("convert", str(pt), str(tmp_path / "converted")).returncode == 0
+    converted = BEATs.from_pretrained(tmp_path / "converted")
+    assert converted.labels == model.labels
+    assert torch.equal(converted.extract_features(wav).probs, out.probs)
     files = [sound_classes_dir / "speech" / "s05.wav", sound_classes_dir / "noise" / "n04.wav"]
     proc = beats_cli("tag", *map(str, files), "-m", str(finetuned / "model"), "--json", "-k", "3")
     assert proc.returncode == 0, proc.stderr

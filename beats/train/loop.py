@@ -35,8 +35,19 @@ How to add a task (``beats pretrain``, ``beats distill``, ...): subclass `Task`.
   logged with a ``val_`` prefix.
 - ``export(out_dir, tag, state_dict)`` (optional): write the task's artefacts from a full
   model state dict, ``tag`` "best" (on a validation improvement) or "last" (at the end).
-- ``after_step(step)`` (optional): e.g. an EMA codebook update; ``fsdp_units()``: the
-  modules to shard one by one (default: the model's ``encoder.layers``).
+- ``after_step(step)`` (optional): e.g. an EMA codebook update (gradients are synced and
+  the optimiser has stepped; all-reduce your own statistics with
+  `distributed.all_sum`); ``fsdp_units()``: the modules to shard one by one (default:
+  the model's encoder layers above layer 0); ``train_mode()``: set train/eval modes
+  before each step (default ``model.train()``; keep frozen parts in eval);
+  ``run_info()``: extra entries for ``OUT/config.json``; ``failed``: [(source, error)]
+  found unreadable before training, recorded in ``OUT/failed.jsonl``; ``name``: the
+  command's name, used in messages.
+
+Then ``fit(task, cfg, out_dir) -> FitResult`` runs it; a task-specific config subclasses
+`TrainConfig` (its extra fields land in ``config.json`` and take part in the resume check).
+Model randomness (dropout, layerdrop, mixup) must come from the torch global RNG (saved
+per process); data randomness from the Dataset's per-item generator.
 
 The loss normalisation makes 2 processes x n clips equal 1 process x 2n clips up to float
 summation order: each process backpropagates its share of the step's mean loss, and
