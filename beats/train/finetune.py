@@ -460,7 +460,8 @@ def _finetune(model: BEATs | str | Path, data: LabelledClips | str | Path,
     result = _run(model, data, rows, durations, failed, cfg, out_dir, info)
     if folds_report is not None:
         result.report["cv"] = folds_report
-        _write_report(out_dir, result.report)
+        if distributed.setup(cfg.device).main:
+            _write_report(out_dir, result.report)
     return result
 
 
