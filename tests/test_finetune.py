@@ -201,7 +201,7 @@ def test_reduced_precision_autocast_run_has_a_finite_loss(dtype, tmp_path, sound
 # --------------------------------------------------------------------------- resume
 RESUME = ["--steps", "12", "--save-every", "2", "--batch-size", "6", "--crop-seconds", "1",
           "--lr", "1e-3", "--dropout", "0.1", "--layerdrop", "0.2", "--mixup", "0.5",
-          "--roll", "--log-every", "1", "-q", "--eval-every", "4"]
+          "--roll", "--log-every", "3", "-q", "--eval-every", "4"]
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, sound_classes_dir, tiny_checkpoint):

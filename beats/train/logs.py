@@ -90,6 +90,20 @@ class Window:
         self.metrics: dict[str, list[float]] = {}
         self.last: dict[str, Any] = {}
 
+    def snapshot(self) -> dict[str, Any]:
+        """The sums so far (saved with the training state: a resumed run's next line
+        covers the same steps as an uninterrupted run's)."""
+        return {"steps": self.steps, "loss": self.loss, "seconds": self.seconds,
+                "wall": self.wall, "metrics": {k: list(v) for k, v in self.metrics.items()},
+                "last": {k: v for k, v in self.last.items() if isinstance(v, float)}}
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.steps, self.loss = saved["steps"], saved["loss"]
+            self.seconds, self.wall = saved["seconds"], saved["wall"]
+            self.metrics = {k: list(v) for k, v in saved["metrics"].items()}
+            self.last = dict(saved["last"])
+
     def add(self, result: dict[str, Any], wall: float) -> None:
         self.steps += 1
         self.loss += result["loss"]

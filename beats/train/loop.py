@@ -344,6 +344,7 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
     failures.add([list(task.failed) if d.main else []])
     failures.flush()
     window = logs.Window()
+    window.restore(loop.pop("window", None))
     skipped = [0]  # consecutive float16 steps skipped for overflowing gradients
     step = start
     try:
@@ -380,7 +381,8 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
             log.advance()
             if step % cfg.save_every == 0 or step == total or loop["stopped_early"]:
                 loop["step"] = step
-                _save_last(cfg, model, opt, scaler, loop, out_dir, d)
+                _save_last(cfg, model, opt, scaler, {**loop, "window": window.snapshot()},
+                           out_dir, d)
             if loop["stopped_early"]:
                 break
     finally:
