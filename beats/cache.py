@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
-from .download import DownloadError, download, sha256_file, short_url
+from .download import ChecksumError, DownloadError, download, sha256_file, short_url
+from .files import temporary_folder
 from .registry import RegistryEntry
 from .serialization import CONFIG_NAME, WEIGHTS_NAME
 
@@ -94,8 +94,17 @@ def fetch(
     with FileLock(str(root / ".locks" / f"{entry.name}.lock")):
         if is_cached(entry, cache_dir):  # another process finished it meanwhile
             return target
-        pt, url, digest = _download(entry, root / ".downloads" / f"{entry.name}.pt", progress)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}."))
+        try:
+            pt, url, digest = _download(entry, root / ".downloads" / f"{entry.name}.pt", progress)
+        except ChecksumError:
+            raise
+        except DownloadError as e:
+            raise DownloadError(
+                f"{e}. Check the network connection (and HTTPS_PROXY behind a proxy); on a "
+                f"machine without access, download {short_url(entry.urls[0])} elsewhere, copy "
+                f"it here and run `beats convert FILE {target}`"
+            ) from None
+        staging = temporary_folder(root, f".{entry.name}.")
         try:
             try:
                 convert(pt, staging)

@@ -1,48 +1,135 @@
 """The ``beats`` command line (also ``python -m beats``).
 
 Each subcommand lives in ``beats/commands/<name>.py`` with ``add_parser(subparsers)`` and
-``run(args) -> int``; this module only dispatches, so subcommands import their heavy
+``run(args) -> int``; this module dispatches, so subcommands import their heavy
 dependencies when they run.
+
+Exit codes: 0 done, 1 some inputs failed (the subcommand reports which), 2 bad arguments
+or setup, 3 a bug in beats. Setup errors are the package's known error types (`setup_error`
+lists them): they print one line, ``beats COMMAND: error: WHAT (WHAT TO DO)``, never a
+traceback. Anything else is a bug: its traceback is printed, to be reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .commands.arguments import HelpFormatter
+from .files import printable
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
 SUBCOMMANDS: list[str] = [
     "extract", "tag", "tokenize", "probe", "finetune", "models", "convert",
 ]
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
+
+# Set BEATS_DEBUG=1 to see the traceback behind a one-line setup error too.
+DEBUG_ENV = "BEATS_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="beats", description="BEATs audio embeddings: exact, batch-invariant, fast."
+        prog="beats", description="BEATs audio embeddings: exact, batch-invariant, fast.",
+        epilog="Exit codes: 0 done, 1 some inputs failed, 2 bad arguments or setup, "
+               "3 a bug in beats (please report it). `beats COMMAND --help` for each command.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"beats {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"beats.commands.{name}")
         module.add_parser(sub)
+        sub.choices[name].formatter_class = HelpFormatter  # every option shows its default
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # huggingface_hub logs each retry of an unreachable Hub; the final error says it all.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # as typed (--config-file)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_SETUP
     module = importlib.import_module(f"beats.commands.{args.command.replace('-', '_')}")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except BrokenPipeError:  # `beats models | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        message = setup_error(e, resumable=hasattr(args, "resume"))
+        if message is None:
+            traceback.print_exc()
+            print(f"beats {args.command}: internal error: this is a bug in beats; please "
+                  "report it with the traceback above", file=sys.stderr)
+            return EXIT_BUG
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        print(f"beats {args.command}: error: {printable(message)}", file=sys.stderr)
+        return EXIT_SETUP
+
+    if code == INTERRUPTED:  # Ctrl-C, handled and said: all is written and closed, so
+        sys.stdout.flush()  # skip the interpreter's teardown (torch's alone takes seconds)
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def setup_error(error: BaseException, resumable: bool = False) -> str | None:
+    """The one-line message for a setup error, or None for an unexpected error (a bug).
+
+    Setup errors: ``ValueError`` (bad input or configuration, the package's convention),
+    ``OSError`` (files, disks, permissions, downloads, connections, the Hub),
+    `beats.files.FolderBusyError`, and running out of memory. ``resumable``: the command
+    can continue an interrupted run with ``--resume`` (said after disk errors).
+    """
+    import torch
+
+    from .files import FolderBusyError
+
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return ("out of memory: lower --batch-size (or --window for long files), or use a "
+                "smaller model or --dtype bfloat16")
+    if isinstance(error, OSError):
+        text = _os_error(error)
+        if resumable and error.errno in _NO_SPACE:
+            text += "; then `--resume` continues the run"
+        return text
+    if isinstance(error, (ValueError, FolderBusyError)):
+        return one_line(str(error)) or type(error).__name__
+    return None
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_error(error: OSError) -> str:
+    """An OSError as one line: the package's own message, or the system's with advice."""
+    if error.errno is None or error.strerror is None:  # raised by beats with a message
+        return one_line(str(error)) or type(error).__name__
+    where = error.filename if error.filename is not None else "a file"
+    if error.errno in _NO_SPACE:
+        return (f"cannot write {where}: {error.strerror} (the disk is full or a size limit "
+                "was reached): free some space or write elsewhere")
+    if error.errno == errno.EROFS:
+        return f"cannot write {where}: the file system is read-only: write elsewhere"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (f"cannot access {where}: permission denied: choose a path you may use, or "
+                "change its permissions")
+    return f"{where}: {error.strerror}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined: an error is one line on the terminal."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

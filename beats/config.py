@@ -1,10 +1,20 @@
-"""`BEATsConfig`: every key of the Microsoft ``cfg`` dict, typed, with validation."""
+"""`BEATsConfig`: every key of the Microsoft ``cfg`` dict, typed, with validation.
+
+Sizes are checked against generous bounds (`MAX_SIZES`) and, before any tensor is
+allocated, the parameter memory of a model is compared with the memory available
+(`check_memory`): an absurd config fails at once with the key to change, never after
+minutes of allocation or with an allocator traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PREDICTOR_ACTIVATIONS = ("sigmoid", "softmax")
@@ -17,8 +27,19 @@ _INT_KEYS = (
 )
 _FLOAT_KEYS = (
     "layer_wise_gradient_decay_ratio", "dropout", "attention_dropout", "activation_dropout",
-    "encoder_layerdrop", "dropout_input", "predictor_dropout", "quant_noise",
+    "encoder_layerdrop", "dropout_input", "predictor_dropout", "quant_noise", "fbank_mean",
+    "fbank_std",
 )
+# Upper bounds of the sizes: far above every published BEATs (base 12 x 768, large and
+# OpenBEATs 24 x 1024 with FFN 4096) to leave room for research models, yet low enough
+# that a typo (a width of 10**9) fails at once. Memory is checked separately.
+MAX_SIZES = {
+    "embed_dim": 65536, "encoder_layers": 1024, "encoder_embed_dim": 65536,
+    "encoder_ffn_embed_dim": 262144, "encoder_attention_heads": 1024, "conv_pos": 4096,
+    "conv_pos_groups": 65536, "num_buckets": 65536, "max_distance": 10**7,
+    "predictor_class": 10**6, "quant_n": 2**20, "quant_dim": 65536,
+    "quant_noise_block_size": 65536,
+}
 _BOOL_KEYS = (
     "conv_bias", "layer_norm_first", "deep_norm", "relative_position_embedding",
     "gru_rel_pos", "finetuned_model",
@@ -71,6 +92,10 @@ class BEATsConfig:
     # Not a Microsoft key (the released models were trained without it); kept at 0 there.
     quant_noise: float = 0.0
     quant_noise_block_size: int = 8
+    # Filterbank normalisation (x - fbank_mean) / (2 * fbank_std). Not Microsoft keys (the
+    # defaults are its constants); OpenBEATs/ESPnet re-trainings may store their own.
+    fbank_mean: float = 15.41663
+    fbank_std: float = 6.55582
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,10 +150,18 @@ class BEATsConfig:
 
         need(self.input_patch_size == 16, "input_patch_size",
              "only 16 is supported (the filterbank has 128 mel bins = 8 patches of 16)")
-        for key in ("embed_dim", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+        need(self.encoder_layers >= 0, "encoder_layers", "must be 0 or more")
+        for key in ("embed_dim", "encoder_embed_dim", "encoder_ffn_embed_dim",
                     "encoder_attention_heads", "conv_pos", "conv_pos_groups", "predictor_class",
                     "quant_n", "quant_dim", "quant_noise_block_size"):
             need(getattr(self, key) > 0, key, "must be positive")
+        for key, bound in MAX_SIZES.items():
+            need(getattr(self, key) <= bound, key,
+                 f"is beyond the supported maximum {bound} (larger than any BEATs model by "
+                 "far): check the config")
+        need(math.isfinite(self.fbank_mean), "fbank_mean", "must be a finite number")
+        need(math.isfinite(self.fbank_std) and self.fbank_std > 0, "fbank_std",
+             "must be a positive finite number")
         need(self.encoder_embed_dim % self.encoder_attention_heads == 0, "encoder_embed_dim",
              f"must be divisible by encoder_attention_heads={self.encoder_attention_heads}")
         need(self.encoder_embed_dim % self.conv_pos_groups == 0, "encoder_embed_dim",
@@ -158,3 +191,108 @@ class BEATsConfig:
     @property
     def head_dim(self) -> int:
         return self.encoder_embed_dim // self.encoder_attention_heads
+
+    def parameter_counts(self, *, tokenizer: bool = False) -> dict[str, int]:
+        """Elements of the model's state dict (parameters and buffers), by part.
+
+        Parts: ``front`` (patch embedding, LayerNorm, projection), ``pos_conv``,
+        ``layers`` (all of them, the shared position table included), ``final_norm``,
+        ``predictor`` (fine-tuned models) and ``quantizer`` (``tokenizer=True``).
+        """
+        emb, dim, ffn = self.embed_dim, self.encoder_embed_dim, self.encoder_ffn_embed_dim
+        front = emb * 256 + (emb if self.conv_bias else 0) + 2 * emb
+        if emb != dim:
+            front += emb * dim + dim
+        k = self.conv_pos
+        pos_conv = dim * (dim // self.conv_pos_groups) * k + k + dim
+        per_layer = 4 * (dim * dim + dim) + 4 * dim + ffn * dim + dim
+        per_layer += dim * 2 * ffn + 2 * ffn if self.activation_fn == "glu" else dim * ffn + ffn
+        if self.gru_rel_pos:
+            per_layer += self.head_dim * 8 + 8 + self.encoder_attention_heads
+        layers = self.encoder_layers * per_layer
+        if self.relative_position_embedding and self.encoder_layers > 0:
+            layers += self.num_buckets * self.encoder_attention_heads
+        counts = {"front": front, "pos_conv": pos_conv, "layers": layers, "final_norm": 2 * dim}
+        if self.finetuned_model:
+            counts["predictor"] = dim * self.predictor_class + self.predictor_class
+        if tokenizer:
+            n, q = self.quant_n, self.quant_dim
+            counts["quantizer"] = dim * dim + dim + dim * q + q + 2 * n * q + 2 * n + 1
+        return counts
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get: ``MemAvailable`` of /proc/meminfo, or
+    the free physical pages where that file does not exist, lowered to the room left under
+    a cgroup v2 memory limit when there is one. None when nothing can be read."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        text = Path("/proc/meminfo").read_text(encoding="ascii")
+        found += [int(line.split()[1]) * 1024 for line in text.splitlines()
+                  if line.startswith("MemAvailable:")]
+    if not found:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii"))
+        if limit != "max":
+            found.append(max(0, int(limit) - used))
+    return min(found) if found else None
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if num_bytes < 1000 or unit == "PB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1000
+    raise AssertionError
+
+
+def _count(n: float) -> str:
+    for unit in ("", " k", " M", " G", " T"):
+        if n < 1000 or unit == " T":
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def check_memory(
+    cfg: BEATsConfig, *, tokenizer: bool = False, bytes_per_element: int = 4,
+    available: int | None = None,
+) -> None:
+    """Refuse, before allocating, a model whose tensors alone exceed the available memory.
+
+    The rule: the state dict's elements (`BEATsConfig.parameter_counts`) times
+    ``bytes_per_element`` (4 for float32) must not exceed `available_memory` (or
+    ``available``). Activations and a checkpoint being loaded need more on top, so passing
+    this check does not promise the model runs; failing it means it never could. The
+    message names the part that dominates and its config keys.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    counts = cfg.parameter_counts(tokenizer=tokenizer)
+    total = sum(counts.values())
+    need = total * bytes_per_element
+    if need <= available:
+        return
+    part = max(counts, key=lambda name: counts[name])
+    keys = {
+        "front": f"embed_dim={cfg.embed_dim}, encoder_embed_dim={cfg.encoder_embed_dim}",
+        "pos_conv": f"conv_pos={cfg.conv_pos}, encoder_embed_dim={cfg.encoder_embed_dim}, "
+                    f"conv_pos_groups={cfg.conv_pos_groups}",
+        "layers": f"encoder_layers={cfg.encoder_layers} layers of "
+                  f"{_count(counts['layers'] / max(cfg.encoder_layers, 1))} parameters: "
+                  f"encoder_embed_dim={cfg.encoder_embed_dim}, "
+                  f"encoder_ffn_embed_dim={cfg.encoder_ffn_embed_dim}",
+        "final_norm": f"encoder_embed_dim={cfg.encoder_embed_dim}",
+        "predictor": f"predictor_class={cfg.predictor_class}, "
+                     f"encoder_embed_dim={cfg.encoder_embed_dim}",
+        "quantizer": f"quant_n={cfg.quant_n}, quant_dim={cfg.quant_dim}",
+    }[part]
+    raise ValueError(
+        f"BEATsConfig describes a model of {_count(total)} parameters, {_size(need)} at "
+        f"{bytes_per_element} bytes each, and only {_size(available)} of memory is available; "
+        f"most of it comes from {keys}. Check these values"
+    )

@@ -22,8 +22,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
@@ -92,11 +90,13 @@ def download(
             after = part.stat().st_size if part.exists() else 0
             failures = 1 if after > before else failures + 1
             if failures > retries:
+                kept = (f"; {after} bytes are kept in {part} and the next try resumes from "
+                        "there" if after else "")
                 raise DownloadError(
-                    f"downloading {short_url(url)} failed {failures} times in a row ({e}); "
-                    f"{after} bytes are kept in {part} and the next try resumes from there"
+                    f"downloading {short_url(url)} failed {failures} times in a row ({e})" + kept
                 ) from None
-            logger.warning("download of %s interrupted (%s); retrying", short_url(url), e)
+            # The final error says how many attempts failed: a retry is no news by itself.
+            logger.info("download of %s interrupted (%s); retrying", short_url(url), e)
             time.sleep(min(0.2 * 2 ** (failures - 1), 5.0))
     got = part.stat().st_size
     if size is not None and got != size:
@@ -162,7 +162,7 @@ def _attempt(
             total = int(length) if length is not None else None
         got = have
         disable = None if progress is None else not progress
-        with open(part, mode) as f, tqdm(
+        with open(part, mode) as f, _progress_bar_class()(
             total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
             desc=desc, disable=disable, leave=False,
         ) as bar:
@@ -178,3 +178,18 @@ def _attempt(
                 bar.update(len(chunk))
     if total is not None and got < total:
         raise _Interrupted(f"connection closed after {got} of {total} bytes")
+
+
+def _progress_bar_class() -> type:
+    """tqdm's notebook bar in Jupyter when ipywidgets is there to draw it, else the text bar.
+
+    ``tqdm.auto`` without ipywidgets warns ("IProgress not found") and draws nothing, so it
+    is only used when it can work; the text bar works everywhere, notebooks included.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is None:
+        from tqdm import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm

@@ -157,7 +157,7 @@ def init_weights(encoder: nn.Module, cfg: BEATsConfig) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if cfg.deep_norm:
+    if cfg.deep_norm and cfg.encoder_layers > 0:
         beta = math.pow(8.0 * cfg.encoder_layers, -0.25)
         for layer in encoder.layers:
             attn = layer.self_attn

@@ -2,17 +2,23 @@
 
 Files are read by DataLoader workers while the model runs, batched by similar duration
 (little padding), embedded, pooled and written one output per input (``.npy``) or in
-sharded ``.safetensors``. Every outcome goes to ``manifest.jsonl``; a rerun with
-``resume=True`` skips inputs whose outputs are complete. Under ``torchrun`` each rank
-takes every world-size-th input and rank 0 merges the manifests.
+sharded ``.safetensors``. Every outcome goes to ``manifest.jsonl``: a file that cannot
+be read, holds absurd samples, gives a non-finite output or cannot be written is a
+``failed`` record with its reason, and the run goes on. A rerun with ``resume=True``
+skips inputs whose outputs are complete. The run holds the output folder's lock
+(`beats.files.folder_lock`), so a second run into it fails at once. Under ``torchrun``
+each rank takes every world-size-th input and rank 0 locks the folder and merges the
+manifests. Ctrl-C stops the reading processes at once and keeps everything written.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,30 +26,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import save as save_safetensors
 from torch.utils.data import DataLoader, Dataset
 
-from .audio import AudioError, AudioInfo, audio_info, load_audio
-from .files import InputFile, atomic_write, discover_inputs, output_path
+from .audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, audio_info, load_audio
+from .files import InputFile, discover_inputs, folder_lock, printable
 from .inputs import MIN_SAMPLES, pad_to_minimum
-from .manifest import (
-    FAILED,
-    OK,
-    PADDED,
-    ManifestWriter,
-    Record,
-    latest_by_key,
-    read_manifest,
-)
+from .manifest import FAILED, OK, PADDED, ManifestWriter, Record, latest_by_key, read_manifest
 from .model import PATCHES_PER_STEP, BEATs, BEATsOutput
+from .outputs import (
+    DISK_ERRORS,
+    MANIFEST,
+    NpyWriter,
+    ShardWriter,
+    abs_input,
+    adopt_unrecorded,
+    check_run_file,
+    completed,
+    earlier_keys,
+    fold_rank_manifests,
+    new_run_id,
+    split_done,
+)
 from .pooling import PoolingSpec, pool, step_centres
 from .windows import SAMPLE_RATE, iter_windowed
+from .workers import worker_init
 
 log = logging.getLogger("beats.extract")
 
-MANIFEST = "manifest.jsonl"
-RUN_FILE = "run.json"
 FORMATS = ("npy", "safetensors")
+# Float samples belong in [-1, 1]. Up to WARN_PEAK is headroom; beyond it the record
+# carries a warning; beyond MAX_PEAK (40 dB over full scale, e.g. int16 values stored as
+# floats) the file fails: no recording holds such samples, and the features would be junk.
+WARN_PEAK = 2.0
+MAX_PEAK = 100.0
 
 
 @dataclass
@@ -68,6 +83,8 @@ class ExtractOptions:
         resume: skip inputs whose outputs are complete; redo the rest.
         tokens: write acoustic token ids (T, 8) int64 instead of embeddings; the model
             must be a `BEATsTokenizer` and ``pooling`` is ignored.
+        max_duration: seconds; a longer file fails (its 16 kHz samples are held in memory:
+            230 MB per hour). Default 4 hours; None: no limit.
     """
 
     pooling: PoolingSpec = field(default_factory=PoolingSpec)
@@ -80,6 +97,7 @@ class ExtractOptions:
     hop: float | None = None
     resume: bool = False
     tokens: bool = False
+    max_duration: float | None = 4 * 3600.0
 
     def __post_init__(self) -> None:
         if self.output_format not in FORMATS:
@@ -92,6 +110,9 @@ class ExtractOptions:
             raise ValueError("hop needs a window and must lie in (0, window]")
         if self.window is not None and self.hop is None:
             self.hop = round(0.8 * self.window, 3)
+        if self.max_duration is not None and not self.max_duration > 0:
+            raise ValueError(f"max_duration must be > 0 seconds (or None), got "
+                             f"{self.max_duration}")
 
     def fingerprint(self, model_name: str) -> dict[str, Any]:
         """What must match for a resumed run to reuse earlier outputs."""
@@ -143,13 +164,56 @@ class _Loaded:
     wav: np.ndarray | None
     info: AudioInfo | None
     error: str | None
+    warning: str | None = None
+
+
+def _named(path: Path, message: str) -> str:
+    """A failure message that names its file (printable, whatever the name's bytes)."""
+    message = printable(message)
+    name = printable(str(path))
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+def _check_samples(wav: np.ndarray) -> tuple[str | None, str | None]:
+    """(error, warning) about the values of decoded samples."""
+    finite = np.isfinite(wav)
+    if not finite.all():
+        first = int(np.argmin(finite)) / SAMPLE_RATE
+        return f"holds NaN or Inf samples (the first at {first:.3f} s)", None
+    peak = float(np.abs(wav).max()) if wav.size else 0.0
+    if peak > MAX_PEAK:
+        return (f"samples peak at {peak:.3g}, far outside [-1, 1] (the limit is {MAX_PEAK:g}): "
+                "floats holding integer-scaled values? rescale the file"), None
+    if peak > WARN_PEAK:
+        return None, f"samples peak at {peak:.3g}, outside [-1, 1]"
+    return None, None
+
+
+def _load(item: InputFile, max_duration: float | None) -> _Loaded:
+    """One input read and checked; every problem becomes its error (never an exception)."""
+    try:
+        wav, info = load_audio(item.path, max_duration=max_duration)
+        error, warning = _check_samples(wav)
+    except Exception as e:  # one file never stops a run, whatever went wrong with it
+        text = str(e) if isinstance(e, AudioError) else f"{type(e).__name__}: {e}".rstrip(": ")
+        return _Loaded(item, None, None, _named(item.path, text))
+    if error is not None:
+        return _Loaded(item, None, info, _named(item.path, error))
+    warnings = [w for w in (info.warning, warning) if w]
+    return _Loaded(item, wav, info, None, "; ".join(warnings) or None)
 
 
 class _BatchReader(Dataset):
-    """Dataset whose items are whole batches of files, read in worker processes."""
+    """Dataset whose items are whole batches of files, read in worker processes.
 
-    def __init__(self, batches: list[list[InputFile]]) -> None:
+    ``stop`` (set by the main process on Ctrl-C) makes a worker skip the rest of its batch.
+    """
+
+    def __init__(self, batches: list[list[InputFile]], max_duration: float | None,
+                 stop: Any) -> None:
         self.batches = batches
+        self.max_duration = max_duration
+        self.stop = stop
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -157,17 +221,10 @@ class _BatchReader(Dataset):
     def __getitem__(self, index: int) -> list[_Loaded]:
         out = []
         for item in self.batches[index]:
-            try:
-                wav, info = load_audio(item.path)
-                out.append(_Loaded(item, wav, info, None))
-            except (AudioError, OSError, ValueError) as e:
-                out.append(_Loaded(item, None, None, str(e)))
+            if self.stop.is_set():
+                break
+            out.append(_load(item, self.max_duration))
         return out
-
-
-def _abs(path: Path) -> str:
-    """The absolute path recorded in the manifest (so it can be matched from anywhere)."""
-    return str(Path(os.path.abspath(path)))
 
 
 def _as_is(batch: list[_Loaded]) -> list[_Loaded]:
@@ -186,151 +243,42 @@ def _by_duration(items: list[InputFile], batch_size: int) -> list[list[InputFile
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-# --------------------------------------------------------------------------- writing
-class _NpyWriter:
-    suffix = ".npy"
-
-    def __init__(self, output_dir: Path, manifest: ManifestWriter) -> None:
-        self.output_dir = output_dir
-        self.manifest = manifest
-
-    def write(self, record: Record, embedding: np.ndarray, times: np.ndarray | None) -> None:
-        path = output_path(self.output_dir, record.key, self.suffix)
-        if times is not None:
-            with atomic_write(path.with_name(path.name[: -len(".npy")] + ".times.npy")) as f:
-                np.save(f, times)
-        with atomic_write(path) as f:
-            np.save(f, embedding)
-        record.output = path.relative_to(self.output_dir.resolve()).as_posix()
-        self.manifest.append(record)
-
-    def close(self) -> None:
-        pass
+def _stop_workers(iterator: Any) -> None:
+    """After Ctrl-C: workers skip what is left of their batch (``stop``) and the loader's
+    own shutdown ends them (they ignore SIGINT, `beats.workers.worker_init`)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
 
 
-class _ShardWriter:
-    """Collects embeddings and writes ``shard-R-NNNNN.safetensors`` of ``size`` inputs;
-    their manifest records are appended only once the shard is on disk."""
-
-    def __init__(self, output_dir: Path, manifest: ManifestWriter, size: int, rank: int) -> None:
-        self.output_dir = output_dir
-        self.manifest = manifest
-        self.size = size
-        self.rank = rank
-        self.number = len(list(output_dir.glob(f"shard-{rank:02d}-*.safetensors")))
-        self.tensors: dict[str, np.ndarray] = {}
-        self.records: list[Record] = []
-
-    def write(self, record: Record, embedding: np.ndarray, times: np.ndarray | None) -> None:
-        self.tensors[record.key] = np.ascontiguousarray(embedding)
-        if times is not None:
-            self.tensors[record.key + "#times"] = times
-        self.records.append(record)
-        if len(self.records) >= self.size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.records:
-            return
-        name = f"shard-{self.rank:02d}-{self.number:05d}.safetensors"
-        with atomic_write(self.output_dir / name) as f:
-            f.write(save_safetensors(self.tensors, metadata={"format": "beats-embeddings"}))
-        for record in self.records:
-            record.output = f"{name}#{record.key}"
-            self.manifest.append(record)
-        self.number += 1
-        self.tensors, self.records = {}, []
-
-    def close(self) -> None:
-        self.flush()
+# --------------------------------------------------------------------------- embedding
+_NOT_FINITE = ("the model's output holds NaN or Inf although the audio is finite: the "
+               "checkpoint may hold NaN or Inf weights, or a half-precision dtype overflowed "
+               "(try --dtype float32)")
+_Result = tuple[np.ndarray, np.ndarray | None, bool] | str  # (output, times, padded) or error
 
 
-# --------------------------------------------------------------------------- resume
-def _completed(output_dir: Path, previous: dict[str, Record], options: ExtractOptions) -> set[str]:
-    """Keys whose outputs exist, whole, with the shape their record states."""
-    done = set()
-    for key, record in previous.items():
-        if record.status not in (OK, PADDED) or record.output is None:
-            continue
-        if options.output_format == "npy":
-            path = output_dir / record.output
-            try:
-                shape = np.load(path, mmap_mode="r").shape
-            except (OSError, ValueError):
-                continue
-            if list(shape) == record.shape:
-                done.add(key)
-        elif (output_dir / record.output.split("#", 1)[0]).exists():
-            done.add(key)
-    return done
-
-
-def _adopt_unrecorded(
-    output_dir: Path, items: list[InputFile], manifest: ManifestWriter
-) -> set[str]:
-    """npy outputs written by a run killed before it could record them: writes are atomic,
-    so an existing file is complete. Record them (``recovered``) instead of recomputing."""
-    adopted = set()
-    for item in items:
-        path = output_path(output_dir, item.key, _NpyWriter.suffix)
-        if not path.exists():
-            continue
-        try:
-            shape = np.load(path, mmap_mode="r").shape
-            info = audio_info(item.path)
-        except (OSError, ValueError):
-            continue
-        status = PADDED if info.duration * 16000 < MIN_SAMPLES else OK
-        manifest.append(Record(
-            _abs(item.path), item.key, status, info.duration, info.sample_rate,
-            path.relative_to(output_dir.resolve()).as_posix(), list(shape),
-            extra={"recovered": True},
-        ))
-        adopted.add(item.key)
-    return adopted
-
-
-def _check_run_file(output_dir: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    path = output_dir / RUN_FILE
-    if resume and path.exists():
-        before = json.loads(path.read_text())
-        changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(
-                f"cannot resume in {output_dir}: the earlier run used other settings "
-                f"({details}); use a new output folder or the same settings"
-            )
-    elif not resume and (output_dir / MANIFEST).exists():
-        raise FileExistsError(
-            f"{output_dir} already holds a run ({MANIFEST}); pass --resume to continue it "
-            "or choose an empty output folder"
-        )
-    with atomic_write(path, "w") as f:
-        json.dump(fingerprint, f, indent=2)
-
-
-# --------------------------------------------------------------------------- the run
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): from an initialised process group, or (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
 
 
 def _embed_batch(
     model: BEATs, loaded: list[_Loaded], options: ExtractOptions
-) -> Iterator[tuple[_Loaded, np.ndarray, np.ndarray | None, bool]]:
-    """Yield (loaded, embedding or tokens, centre times or None, padded?) for a batch.
+) -> Iterator[tuple[_Loaded, _Result]]:
+    """Yield (loaded, (output, centre times or None, padded?) or error) for a batch.
 
     Files longer than the window go one at a time through `_embed_long`; the rest run as
-    one padded batch.
+    one padded batch. An output that is not finite is an error.
     """
     limit = None if options.window is None else round(options.window * SAMPLE_RATE)
     batch = []
     for item in loaded:
         if limit is not None and len(item.wav) > limit:
-            yield item, *_embed_long(model, item.wav, options), False
+            array = _embed_long(model, item.wav, options)
+            yield item, _NOT_FINITE if array is None else (array, _times(array, options), False)
         else:
             batch.append(item)
     if not batch:
@@ -339,20 +287,29 @@ def _embed_batch(
     for item in batch:
         clips.append(torch.from_numpy(pad_to_minimum(item.wav)))
         padded.append(len(item.wav) < MIN_SAMPLES)
+    arrays: list[torch.Tensor | None]
     with torch.inference_mode():
         if options.tokens:
-            labels, mask = model.extract_labels(clips)
-            steps = (~mask).sum(dim=1) // PATCHES_PER_STEP
-            arrays = [labels[b, : PATCHES_PER_STEP * int(n)].view(int(n), PATCHES_PER_STEP)
-                      for b, n in enumerate(steps)]
+            out = model.extract_features(clips)
+            labels = model.tokens_from_features(out.features, out.padding_mask)
+            steps = (~out.padding_mask).sum(dim=1) // PATCHES_PER_STEP
+            arrays = [
+                labels[b, : PATCHES_PER_STEP * int(n)].view(int(n), PATCHES_PER_STEP)
+                if _finite(out.features[b][~out.padding_mask[b]]) else None
+                for b, n in enumerate(steps)
+            ]
         else:
             out = model.extract_features(
                 clips, output_hidden_states=options.pooling.needs_hidden_states
             )
-            arrays = pool(out, options.pooling, model.cfg.encoder_layers)
+            arrays = [a if _finite(a) else None
+                      for a in pool(out, options.pooling, model.cfg.encoder_layers)]
     for item, result, short in zip(batch, arrays, padded, strict=True):
+        if result is None:
+            yield item, _NOT_FINITE
+            continue
         array = result.cpu().numpy()
-        yield item, array, _times(array, options), short
+        yield item, (array, _times(array, options), short)
 
 
 def _times(array: np.ndarray, options: ExtractOptions) -> np.ndarray | None:
@@ -365,10 +322,9 @@ def _times(array: np.ndarray, options: ExtractOptions) -> np.ndarray | None:
     return None
 
 
-def _embed_long(
-    model: BEATs, wav: np.ndarray, options: ExtractOptions
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One long file in windows (`beats.windows`), stitched, then pooled or tokenized."""
+def _embed_long(model: BEATs, wav: np.ndarray, options: ExtractOptions) -> np.ndarray | None:
+    """One long file in windows (`beats.windows`), stitched, then pooled or tokenized;
+    None if the output is not finite."""
     assert options.window is not None and options.hop is not None
     spec = options.pooling
     layers = None if options.tokens else spec.layer_indices(model.cfg.encoder_layers)
@@ -382,9 +338,11 @@ def _embed_long(
     ]
     with torch.inference_mode():
         if options.tokens:
-            ids = model.tokens_from_features(torch.cat(pieces).unsqueeze(0))[0]
-            array = ids.view(-1, PATCHES_PER_STEP).cpu().numpy()
-            return array, _times(array, options)
+            features = torch.cat(pieces)
+            if not _finite(features):
+                return None
+            ids = model.tokens_from_features(features.unsqueeze(0))[0]
+            return ids.view(-1, PATCHES_PER_STEP).cpu().numpy()
         if layers is None:
             features = torch.cat(pieces).unsqueeze(0)  # (1, S, C)
             hidden = None
@@ -394,28 +352,76 @@ def _embed_long(
             hidden = tuple(h.unsqueeze(0) for h in states)
         mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
         out = BEATsOutput(features=features, padding_mask=mask, hidden_states=hidden)
-        array = pool(out, spec, model.cfg.encoder_layers)[0].cpu().numpy()
-    return array, _times(array, options)
+        array = pool(out, spec, model.cfg.encoder_layers)[0]
+    return array.cpu().numpy() if _finite(array) else None
 
 
 def _embed_isolating_failures(
     model: BEATs, loaded: list[_Loaded], options: ExtractOptions
-) -> Iterator[tuple[_Loaded, tuple[np.ndarray, np.ndarray | None, bool] | str]]:
+) -> Iterator[tuple[_Loaded, _Result]]:
     """Embed a batch; if it fails (say, out of memory), retry each clip alone so that one
-    bad input fails by itself. Yields (loaded, (embedding, times, padded) or error text)."""
+    bad input fails by itself. Yields (loaded, (output, times, padded) or error text)."""
     if not loaded:
         return
     try:
-        results = list(_embed_batch(model, loaded, options))
-    except (RuntimeError, ValueError) as e:
+        with warnings.catch_warnings():  # peaks beyond [-1, 1] are in the records already
+            warnings.filterwarnings("ignore", "audio in batch item", UserWarning)
+            results = list(_embed_batch(model, loaded, options))
+    except Exception as e:  # one file never stops a run
         if len(loaded) == 1:
             yield loaded[0], f"{type(e).__name__}: {e}"
             return
         for x in loaded:
             yield from _embed_isolating_failures(model, [x], options)
         return
-    for x, emb, times, short in results:
-        yield x, (emb, times, short)
+    yield from results
+
+
+# --------------------------------------------------------------------------- the run
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _no_audio(inputs: Sequence[Any]) -> ValueError:
+    named = ", ".join(printable(os.fsdecode(p)) for p in list(inputs)[:3])
+    more = f" and {len(inputs) - 3} more" if len(inputs) > 3 else ""
+    return ValueError(
+        f"no audio files found in {named or 'the inputs'}{more} (looked for files ending in "
+        f"{' '.join(AUDIO_EXTENSIONS)}, in any case); give audio files, folders holding "
+        "them, or .txt/.lst lists of paths"
+    )
+
+
+def _open_run(
+    output_dir: Path, options: ExtractOptions, model_name: str, rank: int, world: int,
+    stack: contextlib.ExitStack, device: torch.device,
+) -> str:
+    """Rank 0 locks the folder (held until ``stack`` closes), checks and writes run.json
+    and folds manifests a killed distributed run left. Every rank gets the run id, or
+    raises rank 0's error."""
+    outcome: str | Exception
+    if rank == 0:
+        command = "beats tokenize" if options.tokens else "beats extract"
+        try:
+            stack.enter_context(folder_lock(output_dir, command))
+            check_run_file(output_dir, options.fingerprint(model_name), options.resume)
+            fold_rank_manifests(output_dir)
+            outcome = new_run_id()
+        except Exception as e:
+            if world == 1:
+                raise
+            outcome = e
+    if world > 1:
+        box: list[Any] = [outcome if rank == 0 else None]
+        torch.distributed.broadcast_object_list(
+            box, src=0, device=device if device.type == "cuda" else None)
+        outcome = box[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def extract(
@@ -430,106 +436,130 @@ def extract(
     """Embed every input into ``output_dir``; returns the run's `Summary`.
 
     ``inputs`` are files, folders or list files (see `beats.files.discover_inputs`).
-    Failures are recorded in the manifest and never stop the run.
+    Failures are recorded in the manifest and never stop the run. Raises ``ValueError``
+    when the inputs hold no audio file or a resume cannot continue, ``FileExistsError``
+    for a folder holding another run, `beats.files.FolderBusyError` while another run
+    writes into it, and ``KeyboardInterrupt`` after Ctrl-C (everything finished is kept).
     """
     options = options or ExtractOptions()
-    if options.tokens and not hasattr(model, "extract_labels"):
+    if options.tokens and not hasattr(model, "tokens_from_features"):
         raise ValueError("token output needs a tokenizer model (BEATsTokenizer)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
-    items = inputs if inputs and isinstance(inputs[0], InputFile) else discover_inputs(inputs)
-    items = sorted(items, key=lambda it: it.key)  # type: ignore[union-attr]
-    if rank == 0:
-        _check_run_file(output_dir, options.fingerprint(model_name), options.resume)
-        _fold_rank_manifests(output_dir)  # left by a killed distributed run
-    if world > 1:
-        torch.distributed.barrier()
-
-    previous = latest_by_key(read_manifest(output_dir / MANIFEST)) if options.resume else {}
-    done = _completed(output_dir, previous, options)
-    mine = [it for i, it in enumerate(items) if i % world == rank]
-    todo = [it for it in mine if it.key not in done]
-    start = time.perf_counter()
-
-    part = output_dir / (MANIFEST if world == 1 else f"manifest.rank{rank:03d}.jsonl")
-    with ManifestWriter(part) as manifest:
-        if options.resume and options.output_format == "npy":
-            adopted = _adopt_unrecorded(output_dir, todo, manifest)
-            todo = [it for it in todo if it.key not in adopted]
-        summary = Summary(skipped=len(mine) - len(todo))
-        log.info("rank %d/%d: %d inputs, %d already done, %d to embed into %s",
-                 rank, world, len(mine), summary.skipped, len(todo), output_dir)
-        writer: _NpyWriter | _ShardWriter = (
-            _NpyWriter(output_dir, manifest) if options.output_format == "npy"
-            else _ShardWriter(output_dir, manifest, options.shard_size, rank)
-        )
-        batches = _by_duration(todo, options.batch_size)
-        loader = DataLoader(
-            _BatchReader(batches), batch_size=None, shuffle=False,
-            num_workers=options.num_workers,
-            prefetch_factor=options.prefetch if options.num_workers > 0 else None,
-            collate_fn=_as_is,
-        )
-        bar = _progress(len(todo), progress and rank == 0)
-
-        def failed(x: _Loaded, error: str) -> None:
-            log.warning("failed: %s", error)
-            manifest.append(Record(_abs(x.item.path), x.item.key, FAILED, error=error))
-            summary.failed += 1
-            summary.failures.append((str(x.item.path), error))
-
-        for loaded in loader:
-            good = [x for x in loaded if x.error is None]
-            for x in loaded:
-                if x.error is not None:
-                    failed(x, x.error)
-            for x, result in _embed_isolating_failures(model, good, options):
-                if isinstance(result, str):
-                    failed(x, result)
-                    continue
-                emb, times, short = result
-                record = Record(
-                    _abs(x.item.path), x.item.key, PADDED if short else OK,
-                    duration=x.info.duration, sample_rate=x.info.sample_rate,
-                    shape=list(emb.shape),
-                )
-                writer.write(record, emb if options.tokens else emb.astype(np.float32), times)
-                summary.padded += short
-                summary.ok += not short
-                summary.audio_seconds += x.info.duration
-            bar.update(len(loaded))
-            bar.set_postfix_str(
-                f"{summary.audio_seconds / max(time.perf_counter() - start, 1e-9):.1f} audio s/s"
-            )
-        writer.close()
-        bar.close()
-    summary.seconds = time.perf_counter() - start
-    log.info("rank %d: %s", rank, summary)
-    if world > 1:
-        _merge_manifests(output_dir, rank, world)
+    given = list(inputs)
+    items = given if given and isinstance(given[0], InputFile) else discover_inputs(given)
+    if not items:
+        raise _no_audio(given)
+    with contextlib.ExitStack() as stack:
+        run_id = _open_run(output_dir, options, model_name, rank, world, stack,
+                           model.device)
+        previous = latest_by_key(read_manifest(output_dir / MANIFEST)) if options.resume else {}
+        items = sorted(earlier_keys(items, previous), key=lambda it: it.key)  # type: ignore[arg-type]
+        done = completed(output_dir, previous, options.output_format == "npy")
+        mine = [it for i, it in enumerate(items) if i % world == rank]
+        todo, skipped = split_done(mine, done)
+        summary = _run(model, todo, output_dir, options, rank, world, run_id, progress)
+        summary.skipped += skipped
+        if world > 1:
+            _merge_manifests(output_dir, rank)
     return summary
 
 
-def _fold_rank_manifests(output_dir: Path) -> None:
-    """Append every ``manifest.rankNNN.jsonl`` to manifest.jsonl in key order, then delete
-    the parts."""
-    parts = sorted(output_dir.glob("manifest.rank*.jsonl"))
-    if not parts:
-        return
-    records = [r for p in parts for r in read_manifest(p)]
-    with ManifestWriter(output_dir / MANIFEST) as manifest:
-        for record in sorted(records, key=lambda r: r.key):
-            manifest.append(record)
-    for p in parts:
-        p.unlink()
+def _run(
+    model: BEATs, todo: list[InputFile], output_dir: Path, options: ExtractOptions,
+    rank: int, world: int, run_id: str, progress: bool,
+) -> Summary:
+    """Embed and write ``todo``, recording every outcome in this rank's manifest."""
+    start = time.perf_counter()
+    part = output_dir / (MANIFEST if world == 1 else f"manifest.rank{rank:03d}.jsonl")
+    with ManifestWriter(part) as manifest:
+        summary = Summary()  # ``skipped``: outputs adopted here; the caller adds the rest
+        if options.resume and options.output_format == "npy":
+            adopted = adopt_unrecorded(output_dir, todo, manifest)
+            todo = [it for it in todo if it.key not in adopted]
+            summary.skipped = len(adopted)
+        log.info("rank %d/%d: %d inputs to embed into %s", rank, world, len(todo), output_dir)
+        writer: NpyWriter | ShardWriter = (
+            NpyWriter(output_dir, manifest) if options.output_format == "npy"
+            else ShardWriter(output_dir, manifest, options.shard_size, rank, run_id)
+        )
+        stop = multiprocessing.Event()
+        loader = DataLoader(
+            _BatchReader(_by_duration(todo, options.batch_size), options.max_duration, stop),
+            batch_size=None, shuffle=False, num_workers=options.num_workers,
+            prefetch_factor=options.prefetch if options.num_workers > 0 else None,
+            collate_fn=_as_is, worker_init_fn=worker_init if options.num_workers else None,
+        )
+        bar = _progress(len(todo), progress and rank == 0)
+        batches = iter(loader)
+        try:
+            for loaded in batches:
+                _consume(model, loaded, options, writer, manifest, summary)
+                bar.update(len(loaded))
+                speed = summary.audio_seconds / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{speed:.1f} audio s/s")
+        except KeyboardInterrupt:
+            stop.set()
+            _stop_workers(batches)
+            raise
+        finally:
+            bar.close()
+            writer.close()  # the last shard, also after Ctrl-C: nothing finished is lost
+    summary.seconds = time.perf_counter() - start
+    log.info("rank %d: %s", rank, summary)
+    return summary
 
 
-def _merge_manifests(output_dir: Path, rank: int, world: int) -> None:
+def _consume(
+    model: BEATs, loaded: list[_Loaded], options: ExtractOptions,
+    writer: NpyWriter | ShardWriter, manifest: ManifestWriter, summary: Summary,
+) -> None:
+    """Embed one loaded batch, write its outputs and record every outcome."""
+    def failed(x: _Loaded, error: str) -> None:
+        error = _named(x.item.path, error)
+        log.warning("failed: %s", error)
+        info = x.info
+        manifest.append(Record(
+            abs_input(x.item.path), x.item.key, FAILED, error=error,
+            duration=None if info is None else info.duration,
+            sample_rate=None if info is None else info.sample_rate,
+        ))
+        summary.failed += 1
+        summary.failures.append((printable(str(x.item.path)), error))
+
+    good = [x for x in loaded if x.error is None]
+    for x in loaded:
+        if x.error is not None:
+            failed(x, x.error)
+    for x, result in _embed_isolating_failures(model, good, options):
+        if isinstance(result, str):
+            failed(x, result)
+            continue
+        array, times, short = result
+        assert x.info is not None
+        record = Record(
+            abs_input(x.item.path), x.item.key, PADDED if short else OK,
+            duration=x.info.duration, sample_rate=x.info.sample_rate, shape=list(array.shape),
+            extra={"warning": x.warning} if x.warning else {},
+        )
+        try:
+            writer.write(record, array if options.tokens else array.astype(np.float32), times)
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+                raise  # the disk, not this file: stop the run
+            failed(x, f"cannot write its output: {e}")
+            continue
+        summary.padded += short
+        summary.ok += not short
+        summary.audio_seconds += x.info.duration
+
+
+def _merge_manifests(output_dir: Path, rank: int) -> None:
     """All ranks wait for each other; rank 0 folds the per-rank manifests together."""
     torch.distributed.barrier()
     if rank == 0:
-        _fold_rank_manifests(output_dir)
+        fold_rank_manifests(output_dir)
     torch.distributed.barrier()
 
 

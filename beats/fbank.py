@@ -88,6 +88,8 @@ def fbank(
     lengths: torch.Tensor | None = None,
     *,
     normalize: bool = True,
+    mean: float = FBANK_MEAN,
+    std: float = FBANK_STD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel filterbank of a batch of 16 kHz waveforms.
 
@@ -95,8 +97,10 @@ def fbank(
         wav: (B, N) or (N,) float waveform in [-1, 1] at 16 kHz.
         lengths: (B,) valid samples per clip (default: all N). Samples past a clip's
             length never reach its valid frames.
-        normalize: apply BEATs' ``(x - 15.41663) / (2 * 6.55582)``; False gives Kaldi's
-            raw log energies.
+        normalize: apply BEATs' ``(x - mean) / (2 * std)``; False gives Kaldi's raw log
+            energies.
+        mean, std: the normalisation statistics (default: Microsoft's 15.41663 and 6.55582;
+            OpenBEATs re-trainings may have their own, ``BEATsConfig.fbank_mean/fbank_std``).
 
     Returns:
         ``(fbank, frames)``: fbank (B, T, 128) float32 where T is the frame count of N
@@ -133,7 +137,7 @@ def fbank(
     energies = torch.matmul(spectrum, weights)
     out = energies.clamp(min=_EPS).log()
     if normalize:
-        out = (out - FBANK_MEAN) / (2 * FBANK_STD)
+        out = (out - mean) / (2 * std)
     valid = torch.arange(total, device=wav.device) < frames.unsqueeze(1)
     out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
     return out, frames

@@ -50,13 +50,18 @@ def offline_reason(local_files_only: bool = False) -> str | None:
     return None
 
 
+class ModelKindError(ValueError):
+    """A tokenizer checkpoint loaded as an encoder, or the other way round."""
+
+
 def kind_mismatch(source: str, checkpoint_is_tokenizer: bool) -> str:
     """The message for loading a tokenizer as an encoder or the other way round."""
     if checkpoint_is_tokenizer:
         return (f"{source} is an acoustic tokenizer checkpoint (config quant_n/quant_dim, keys "
-                "quantize.* and quantize_layer.*): load it with BEATsTokenizer.from_pretrained")
+                "quantize.* and quantize_layer.*): load it with BEATsTokenizer.from_pretrained "
+                "(on the command line: `beats tokenize`)")
     return (f"{source} is a BEATs encoder checkpoint without the tokenizer's quantizer: load "
-            "it with BEATs.from_pretrained")
+            "it with BEATs.from_pretrained (on the command line: `beats extract`)")
 
 
 def resolve(
@@ -68,6 +73,7 @@ def resolve(
     convert: Callable[[Path, Path], None],
     tokenizer: bool = False,
     progress: bool | None = None,
+    config_given: bool = False,
 ) -> Resolved:
     """Find ``name_or_path`` on disk, downloading it first when needed.
 
@@ -76,6 +82,8 @@ def resolve(
             save_pretrained files (for registry downloads).
         tokenizer: whether the caller loads acoustic tokenizers (else encoders); a registry
             entry of the other kind is refused before anything is downloaded.
+        config_given: the caller has the model's config, so a ``.safetensors`` file
+            without a ``config.json`` beside it is accepted (``config`` is then None).
     """
     text = os.fspath(name_or_path)
     if not isinstance(text, str):
@@ -83,7 +91,7 @@ def resolve(
     path = Path(text).expanduser()
     if path.exists():
         _no_revision(revision, text, "a local path")
-        return _local(path)
+        return _local(path, config_given)
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
         raise FileNotFoundError(_missing_path_message(text))
 
@@ -91,7 +99,7 @@ def resolve(
     if entry is not None:
         _no_revision(revision, text, f"the registry name of {entry.name}")
         if (entry.kind == "tokenizer") != tokenizer:
-            raise ValueError(kind_mismatch(entry.name, entry.kind == "tokenizer"))
+            raise ModelKindError(kind_mismatch(entry.name, entry.kind == "tokenizer"))
         folder = cache.fetch(entry, cache_dir, offline=offline_reason(local_files_only),
                              convert=convert, progress=progress)
         return _folder(folder, f"{entry.name} (beats cache, {folder})")
@@ -137,15 +145,18 @@ def _unknown_name_message(text: str) -> str:
     return message + " `beats models` lists every registered name."
 
 
-def _local(path: Path) -> Resolved:
+def _local(path: Path, config_given: bool = False) -> Resolved:
     if path.is_dir():
         return _folder(path, str(path))
     if path.suffix == ".safetensors":
         config = path.parent / CONFIG_NAME
+        if not config.is_file() and config_given:
+            return Resolved(source=str(path), weights=path)
         if not config.is_file():
             raise FileNotFoundError(
                 f"{path} needs its {CONFIG_NAME} in the same folder (as save_pretrained and "
-                "`beats convert` write them); none is there"
+                "`beats convert` write them), or the model's config given with config=...; "
+                "neither is there"
             )
         return _files(config, path, path.parent / LABELS_NAME, str(path))
     if path.name == CONFIG_NAME:
@@ -203,9 +214,12 @@ def _from_hub(
                     f"({_hub_cache(cache_dir)}) and downloads are off ({offline}). Load it once "
                     "with network access to cache it"
                 ) from None
+            cause = e.__cause__ or e.__context__ or e
             raise ConnectionError(
                 f"cannot fetch {filename} of the Hub repo {where}: the Hub "
-                f"({_hub_endpoint()}) did not answer and the file is not cached ({e})"
+                f"({_hub_endpoint()}) did not answer ({_first_line(cause)}) and the file is "
+                "not in the Hugging Face cache. Check the network connection and HF_ENDPOINT, "
+                "or give the path of a model folder instead"
             ) from None
         except RevisionNotFoundError:
             raise ValueError(f"the Hub repo {repo_id} has no revision {revision!r}") from None
@@ -234,6 +248,11 @@ def _from_hub(
     labels = get(LABELS_NAME) if has_labels else None
     return Resolved(source=f"{where} (Hugging Face Hub)", config=config, weights=weights,
                     labels=labels)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _hub_endpoint() -> str:

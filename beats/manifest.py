@@ -1,23 +1,31 @@
 """``manifest.jsonl``: one JSON record per processed input, appended as work completes.
 
 Each record: ``input`` (absolute path), ``key`` (its place in the output tree),
-``duration`` (seconds, as stored), ``sample_rate`` (Hz, as stored), ``output`` (path
+``duration`` (seconds, as decoded), ``sample_rate`` (Hz, as stored), ``output`` (path
 relative to the output folder, or ``shard#key`` for safetensors shards), ``shape``,
 ``status`` (``ok``, ``padded``: shorter than the model minimum and zero-padded, or
-``failed``) and ``error`` (null unless failed). Records are appended and fsynced one at a
-time, so a run killed at any moment leaves every finished record readable; a torn last
-line is ignored when the manifest is read back.
+``failed``), ``error`` (null unless failed) and, only when there is one, ``warning``
+(say, a damaged file whose decoding stopped early). Records are appended and fsynced one
+at a time, so a run killed at any moment leaves every finished record readable.
+
+The file is UTF-8. File names that are not valid UTF-8 (Python holds their bytes as
+lone surrogates, ``\\udcXX``) are written as JSON escapes of those surrogates, so
+`read_manifest` gives back the very same names. Reading skips every line that is not a
+whole record: torn, invalid UTF-8, not JSON, JSON that is not a record.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 OK, PADDED, FAILED = "ok", "padded", "failed"
+STATUSES = (OK, PADDED, FAILED)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -33,9 +41,11 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """One line of JSON (no newline); lone surrogates become ``\\udcXX`` escapes."""
         data = asdict(self)
         data.update(data.pop("extra"))
-        return json.dumps(data, ensure_ascii=False)
+        text = json.dumps(data, ensure_ascii=False)
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
@@ -45,20 +55,57 @@ class Record:
         return cls(**known, extra=extra)
 
 
+def _is_path(value: Any) -> bool:
+    """A str the file system can take (lone surrogates only as surrogateescape bytes)."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _shape(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+
+def parse_record(line: bytes) -> Record | None:
+    """The record on one manifest line, or None when the line is not a whole record."""
+    try:
+        data = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    checks = (
+        _is_path(data.get("input")),
+        _is_path(data.get("key")),
+        data.get("status") in STATUSES,
+        _number(data.get("duration")),
+        _number(data.get("sample_rate")),
+        data.get("output") is None or _is_path(data.get("output")),
+        _shape(data.get("shape")),
+        data.get("error") is None or isinstance(data.get("error"), str),
+    )
+    return Record.from_dict(data) if all(checks) else None
+
+
 def read_manifest(path: Path) -> list[Record]:
-    """Every complete record of a manifest, in order (a torn or broken line is skipped)."""
+    """Every whole record of a manifest, in order; any other line is skipped."""
     if not path.exists():
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(Record.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError):
-                continue
+            record = parse_record(line.strip())
+            if record is not None:
+                records.append(record)
     return records
 
 
@@ -68,20 +115,22 @@ def latest_by_key(records: list[Record]) -> dict[str, Record]:
 
 
 class ManifestWriter:
-    """Appends records durably: one write, flush and fsync per record."""
+    """Appends records durably: one write, flush and fsync per record.
+
+    Each record starts on a fresh line: if the file does not end in a newline (a run was
+    killed mid-line), one is written first, so a torn line never swallows a new record.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if self._file.tell() > 0:
-            with open(path, "rb") as f:  # start on a fresh line after a torn record
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    self._file.write("\n")
+        with open(path, "ab+") as f:  # start on a fresh line after a torn record
+            if f.seek(0, os.SEEK_END) and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
+                f.write(b"\n")
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
 
     def append(self, record: Record) -> None:
-        self._file.write(record.to_json() + "\n")
+        self._file.write(record.to_json().encode("utf-8") + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

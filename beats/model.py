@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, hub, serialization
-from .config import BEATsConfig
+from .config import BEATsConfig, check_memory
 from .encoder import TransformerEncoder
 from .fbank import NUM_MEL_BINS, fbank
 from .inputs import ArrayLike, prepare_batch
@@ -81,6 +82,7 @@ class BEATs(nn.Module):
     def __init__(self, cfg: BEATsConfig | None = None) -> None:
         super().__init__()
         cfg = cfg if cfg is not None else BEATsConfig()
+        _check_memory(cfg, type(self).is_tokenizer, torch.empty(0).device)
         self.cfg = cfg
         embed, dim = cfg.embed_dim, cfg.encoder_embed_dim
         patch = cfg.input_patch_size
@@ -131,7 +133,7 @@ class BEATs(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked audio -> (normalised filterbank (B, T, 128) float32, lengths (B,))."""
         wav_t, lengths_t = prepare_batch(wav, padding_mask, lengths, device=self.device)
-        features, _ = fbank(wav_t, lengths_t)
+        features, _ = fbank(wav_t, lengths_t, mean=self.cfg.fbank_mean, std=self.cfg.fbank_std)
         return features, lengths_t
 
     def extract_features(
@@ -214,7 +216,7 @@ class BEATs(nn.Module):
                 (one host sync): only when some position is padded. Traced graphs pass
                 True, which gives the same result for any lengths.
         """
-        features, _ = fbank(wav, lengths)
+        features, _ = fbank(wav, lengths, mean=self.cfg.fbank_mean, std=self.cfg.fbank_std)
         return self.forward_fbank(features, lengths, output_hidden_states=output_hidden_states,
                                   output_layer=output_layer, mask_keys=mask_keys)
 
@@ -231,7 +233,8 @@ class BEATs(nn.Module):
         filterbank (SpecAugment masks) or shares one between models.
 
         Args:
-            features: (B, T, 128) normalised filterbank (`beats.fbank.fbank`).
+            features: (B, T, 128) normalised filterbank (`beats.fbank.fbank` with this
+                model's ``cfg.fbank_mean`` and ``cfg.fbank_std``).
             lengths: (B,) valid samples per clip of the waveform it came from (they set
                 the padding mask).
             output_hidden_states, output_layer, mask_keys: as in `forward_waveform`.
@@ -292,16 +295,29 @@ class BEATs(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_microsoft_checkpoint(cls, ckpt: dict[str, Any], source: str = "checkpoint") -> BEATs:
-        """Build a model from a loaded Microsoft dict (``cfg``, ``model``, ``label_dict``)."""
-        for key in ("cfg", "model"):
-            if not isinstance(ckpt.get(key), dict):
-                raise ValueError(f"{source}: '{key}' must be a dict, got "
-                                 f"{type(ckpt.get(key)).__name__}")
+    def from_microsoft_checkpoint(
+        cls,
+        ckpt: dict[str, Any],
+        source: str = "checkpoint",
+        *,
+        config: ConfigLike | None = None,
+    ) -> BEATs:
+        """Build a model from a loaded checkpoint dict (``cfg``, ``model``, ``label_dict``).
+
+        ``cfg`` may be None (a bare state dict, see `checkpoint.load_pt`) when ``config``
+        gives the architecture; ``config``'s keys override the checkpoint's ``cfg``.
+        """
+        if not isinstance(ckpt.get("model"), dict):
+            raise ValueError(f"{source}: 'model' must be a dict, got "
+                             f"{type(ckpt.get('model')).__name__}")
+        cfg = ckpt.get("cfg")
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ValueError(f"{source}: 'cfg' must be a dict, got {type(cfg).__name__}")
         label_dict = ckpt.get("label_dict")
         if label_dict is not None:
             label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}
-        return cls._from_parts(dict(ckpt["cfg"]), ckpt["model"], label_dict, source)
+        merged = _merge_config(cfg, config, source, len(ckpt["model"]))
+        return cls._from_parts(merged, ckpt["model"], label_dict, source)
 
     @classmethod
     def _from_parts(
@@ -313,16 +329,23 @@ class BEATs(nn.Module):
     ) -> BEATs:
         """Build ``cls`` from a config dict and a state dict, checking every key strictly.
 
-        Accepts the weight-norm key styles and repeated position tables of Microsoft files
-        (`checkpoint.normalize_state_dict`), and re-trainings (OpenBEATs/ESPnet) whose keys
-        all carry an extra ``encoder.`` prefix when that is the only difference.
+        Accepts the weight-norm key styles and repeated position tables of Microsoft files,
+        and OpenBEATs/ESPnet files: keys under ESPnet's ``encoder.`` prefix (other parts of
+        the ESPnet model are set aside with a warning) and its padding-mask convolutions
+        (`checkpoint.prepare_state_dict`).
         """
         is_tokenizer = checkpoint.is_tokenizer_state_dict(state_dict)
         if cls.is_tokenizer != is_tokenizer:
-            raise ValueError(hub.kind_mismatch(source, is_tokenizer))
+            raise hub.ModelKindError(hub.kind_mismatch(source, is_tokenizer))
         model = _build_for_loading(cls, BEATsConfig.from_dict(cfg))
-        state_dict = checkpoint.normalize_state_dict(state_dict)
-        state_dict = checkpoint.strip_wrapper_prefix(state_dict, model.state_dict().keys())
+        state_dict, outside = checkpoint.prepare_state_dict(state_dict, source)
+        if outside:
+            warnings.warn(
+                f"{source}: ignoring {len(outside)} keys outside the BEATs encoder "
+                f"({checkpoint.key_examples(outside)}): the file holds a whole ESPnet model, and "
+                "beats loads its encoder (the keys under 'encoder.')",
+                UserWarning, stacklevel=3,
+            )
         checkpoint.check_keys(model, state_dict, source)
         model.load_state_dict(state_dict, strict=True)
         model.label_dict = label_dict
@@ -333,6 +356,7 @@ class BEATs(nn.Module):
         cls,
         name_or_path: str | Path,
         *,
+        config: ConfigLike | None = None,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         device: torch.device | str | None = None,
@@ -343,9 +367,10 @@ class BEATs(nn.Module):
 
         ``name_or_path`` is, in the order tried:
 
-        - a local path: a Microsoft ``.pt`` (read with ``weights_only=True``, so a file that
-          would run code is refused), a ``model.safetensors`` with its ``config.json``, or a
-          folder written by `save_pretrained` or ``beats convert``;
+        - a local path: a Microsoft or OpenBEATs ``.pt`` (read with ``weights_only=True``,
+          so a file that would run code is refused), a bare state dict (an ESPnet ``.pth``;
+          needs ``config``), a ``model.safetensors`` with its ``config.json`` (or with
+          ``config``), or a folder written by `save_pretrained` or ``beats convert``;
         - a registry name or alias, any case (``BEATs_iter3_plus_AS2M``, ``as2m-cpt2``,
           ``default``; see ``beats models``): downloaded once into the beats cache
           (``cache_dir``, else ``$BEATS_CACHE``, else ``~/.cache/beats``), checked and
@@ -353,6 +378,10 @@ class BEATs(nn.Module):
         - a Hugging Face Hub repo id ``owner/name`` holding ``config.json`` and
           ``model.safetensors``, at ``revision``, through huggingface_hub and its cache
           (or ``cache_dir``).
+
+        ``config`` (a `BEATsConfig`, a dict of ``cfg`` keys, or the path of a JSON file of
+        them) gives the architecture of a bare state dict; its keys override those of a
+        checkpoint that has its own (``fbank_mean``/``fbank_std``, say).
 
         ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` forbid downloads: cached files
         load, anything else is an error that says what is missing. The model is moved to
@@ -370,14 +399,17 @@ class BEATs(nn.Module):
             local_files_only=local_files_only,
             convert=convert,
             tokenizer=cls.is_tokenizer,
+            config_given=config is not None,
         )
         if found.pt is not None:
-            model = cls.from_microsoft_checkpoint(checkpoint.load_pt(found.pt), found.source)
+            model = cls.from_microsoft_checkpoint(checkpoint.load_pt(found.pt), found.source,
+                                                  config=config)
         else:
-            assert found.config is not None and found.weights is not None
-            cfg, _ = serialization.read_config(found.config)
+            assert found.weights is not None
+            cfg = None if found.config is None else serialization.read_config(found.config)[0]
             state_dict = serialization.read_weights(found.weights)
             labels = None if found.labels is None else serialization.read_labels(found.labels)
+            cfg = _merge_config(cfg, config, found.source, len(state_dict))
             model = cls._from_parts(cfg, state_dict, labels, found.source)
         return model.to(device=device, dtype=dtype)
 
@@ -390,6 +422,17 @@ class BEATs(nn.Module):
         return serialization.write_pretrained(
             save_directory, self.cfg.to_dict(), self.state_dict(), self.label_dict,
             architecture=type(self).__name__,
+        )
+
+    def save_microsoft_checkpoint(self, path: str | Path) -> Path:
+        """Write the model as a Microsoft-format ``.pt`` (atomically): ``cfg``, ``model`` in
+        the original's key layout (weight norm as ``weight_g``/``weight_v``, the shared
+        relative position table under every layer's name) and, for fine-tuned models with
+        labels, ``label_dict``. The original code and `from_pretrained` both load it.
+        """
+        labels = self.label_dict if self.predictor is not None else None
+        return checkpoint.save_microsoft_checkpoint(
+            path, self.cfg, self.state_dict(), labels, tokenizer=self.is_tokenizer
         )
 
     def push_to_hub(
@@ -461,6 +504,45 @@ class BEATs(nn.Module):
         ]
 
 
+ConfigLike = BEATsConfig | dict[str, Any] | str | Path  # what ``config=`` accepts
+
+
+def _merge_config(
+    cfg: dict[str, Any] | None, config: ConfigLike | None, source: str, num_tensors: int
+) -> dict[str, Any]:
+    """The checkpoint's ``cfg`` with the user's ``config`` keys over it."""
+    if config is None:
+        if cfg is None:
+            raise ValueError(
+                f"{source} is a bare state dict ({num_tensors} tensors) without the model's "
+                "config: give it, as BEATs.from_pretrained(path, config=...) with a "
+                "BEATsConfig, a dict or a JSON file of the cfg keys (`beats convert IN OUT "
+                "--config cfg.json`)"
+            )
+        return dict(cfg)
+    if isinstance(config, BEATsConfig):
+        user = config.to_dict()
+    elif isinstance(config, dict):
+        user = dict(config)
+    elif isinstance(config, (str, Path)):
+        user, _ = serialization.read_config(config)
+    else:
+        raise TypeError("config must be a BEATsConfig, a dict or the path of a JSON file, got "
+                        f"{type(config).__name__}")
+    return {**(cfg or {}), **user}
+
+
+def _check_memory(cfg: BEATsConfig, tokenizer: bool, device: torch.device) -> None:
+    """`config.check_memory` against the memory of ``device`` (nothing for meta tensors)."""
+    if device.type == "meta":
+        return
+    available = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        available = torch.cuda.mem_get_info(device)[0]
+    check_memory(cfg, tokenizer=tokenizer, available=available,
+                 bytes_per_element=torch.get_default_dtype().itemsize)
+
+
 def _build_for_loading(cls: type[BEATs], cfg: BEATsConfig) -> BEATs:
     """``cls(cfg)`` with uninitialised tensors, for a caller that loads every one of them.
 
@@ -480,4 +562,5 @@ def _build_for_loading(cls: type[BEATs], cfg: BEATsConfig) -> BEATs:
         for value in vars(module).values()
     ):
         return cls(cfg)
+    _check_memory(cfg, cls.is_tokenizer, torch.device("cpu"))
     return model.to_empty(device="cpu")

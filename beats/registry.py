@@ -124,7 +124,8 @@ def default_model() -> RegistryEntry:
     for e in load_registry():
         if e.default:
             return e
-    raise LookupError(f"the registry {registry_path()} marks no default model")
+    raise ValueError(f"the registry {registry_path()} marks no default model: give a model "
+                     "name (-m NAME), or mark one entry \"default\": true")
 
 
 def find(name: str) -> RegistryEntry | None:

@@ -5,7 +5,10 @@ dead parent when they next wait for work, so after a SIGKILL of the main process
 could live on for minutes holding their memory. On Linux the kernel delivers SIGKILL to
 the worker the moment its parent exits (``PR_SET_PDEATHSIG``); elsewhere this is a no-op.
 Workers also run torch single-threaded: they decode and resample, and several of them
-each spawning a full thread pool would starve the model's own threads.
+each spawning a full thread pool would starve the model's own threads. And they ignore
+SIGINT: Ctrl-C in a terminal reaches every process of the job, and a worker that stops on
+its own mid-batch can block at exit on results nobody reads; the main process handles
+Ctrl-C and shuts its workers down.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def die_with_parent() -> bool:
 
 
 def worker_init(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=worker_init)``: die with the parent, one torch thread."""
+    """``DataLoader(worker_init_fn=worker_init)``: die with the parent, ignore Ctrl-C, one
+    torch thread."""
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)

@@ -200,3 +200,106 @@ def test_offset_and_duration_read_a_crop(tmp_path):
         load_audio(path, offset=3.5)
     with pytest.raises(ValueError, match="offset"):
         load_audio(path, offset=-1.0)
+
+
+@needs_sox
+def test_absurd_sample_rates_are_refused_before_decoding(tmp_path):
+    # sox writes what it is told: a 1 Hz header over 3000 samples would be resampled
+    # 16 000-fold (48 M samples); 64 kB of 1 Hz WAV would be 8.9 hours
+    from .audio_files import sox
+
+    wav = tmp_path / "onehz.wav"
+    sox("-r", "1", "-n", "-b", "16", str(wav), "synth", "3000s", "sine", "0.1")
+    flac = tmp_path / "onehz.flac"
+    sox("-r", "1", "-n", "-b", "16", str(flac), "synth", "3000s", "sine", "0.1")
+    assert audio_info(wav).sample_rate == 1 and audio_info(flac).frames == 3000
+    for path in (wav, flac):
+        with pytest.raises(AudioError, match=r"sample rate of 1 Hz, outside the 1000 to "
+                                             r"1000000 Hz of real audio"):
+            load_audio(path)
+    fast = tmp_path / "two-mhz.wav"
+    sf.write(str(fast), np.zeros(4000, dtype=np.float32), 2_000_000)
+    with pytest.raises(AudioError, match="sample rate of 2000000 Hz"):
+        load_audio(fast)
+
+
+@needs_sox
+def test_max_duration_is_checked_on_the_header(tmp_path):
+    path = sox_tone(tmp_path / "three.wav", seconds=3.0)
+    with pytest.raises(AudioError, match=r"claims 0:00:03.0 \(3.0 s\) of audio, longer than "
+                                         r"the limit of 0:00:02.0"):
+        load_audio(path, max_duration=2.0)
+    assert len(load_audio(path, max_duration=3.0)[0]) == 48000
+    assert len(load_audio(path, offset=1.5, max_duration=2.0)[0]) == 24000  # the part read
+
+
+@needs_sox
+def test_block_reading_equals_whole_file_decoding(tmp_path):
+    # 8 channels at 192 kHz over several blocks: decoded, downmixed and resampled block by
+    # block, against the whole file decoded at once and resampled in one call
+    from .audio_files import sox
+
+    channels = [sox_tone(tmp_path / f"c{c}.wav", seconds=1.7, rate=192000,
+                         freq=f"{200 + 700 * c}-{900 + 500 * c}") for c in range(8)]
+    path = tmp_path / "multi.flac"
+    sox("-M", *map(str, channels), "-b", "24", str(path))
+    info = audio_info(path)
+    assert (info.channels, info.sample_rate, info.frames) == (8, 192000, 326400)
+    whole, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    for channel in (None, 3):
+        mono = whole.mean(axis=1, dtype=np.float32) if channel is None else whole[:, channel]
+        want = resample(mono, 192000)
+        got, got_info = load_audio(path, channel=channel)
+        assert got.shape == want.shape == (27200,)
+        assert np.abs(got - want).max() <= 1e-6, channel
+        assert got_info.frames == 326400 and got_info.warning is None
+    part, _ = load_audio(path, offset=0.5, duration=0.9)
+    assert np.abs(part - resample(whole[96000:268800].mean(axis=1, dtype=np.float32),
+                                  192000)).max() <= 1e-6
+    at_rate, _ = load_audio(path, sample_rate=192000)  # no resampling: the mean itself
+    assert np.array_equal(at_rate, whole.mean(axis=1, dtype=np.float32))
+
+
+@needs_sox
+def test_memory_of_a_long_192k_8_channel_file_stays_small(tmp_path):
+    # Decoding the whole file first held 30 s x 192 kHz x 8 channels of float32 (184 MB);
+    # read in blocks, the peak is the 16 kHz mono result and one block. tracemalloc sees
+    # numpy's allocations (soundfile decodes into numpy arrays).
+    import tracemalloc
+
+    from .audio_files import sox
+
+    channels = [sox_tone(tmp_path / f"c{c}.wav", seconds=30, rate=192000, freq=str(300 * (c + 1)))
+                for c in range(8)]
+    path = tmp_path / "long.flac"
+    sox("-M", *map(str, channels), str(path))
+    for c in channels:
+        c.unlink()
+    whole_bytes = 30 * 192000 * 8 * 4
+    load_audio(path, duration=0.1)  # warm up the libraries
+    tracemalloc.start()
+    try:
+        wav, _ = load_audio(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(wav) == 480000
+    print(f"peak {peak / 1e6:.1f} MB traced; whole-file float32 {whole_bytes / 1e6:.0f} MB")
+    assert peak < 0.05 * whole_bytes  # 9.2 MB: the 1.9 MB result, its pieces, one block
+
+
+@needs_sox
+def test_truncated_flac_gives_the_audio_before_the_cut(tmp_path):
+    full = tmp_path / "full.flac"
+    sox_tone(full, seconds=10.0, rate=48000, channels=2, freq="300-3000")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: len(data) // 3])  # a copy that stopped a third of the way
+    assert audio_info(cut).frames == 480000  # the header still claims 10 s
+    wav, info = load_audio(cut, sample_rate=48000)
+    reference, _ = load_audio(full, sample_rate=48000)
+    assert 48000 * 2 < info.frames < 48000 * 5 and len(wav) == info.frames
+    assert np.array_equal(wav, reference[: len(wav)])  # lossless: the very same samples
+    assert "decoding stopped at" in info.warning and "10.000 s the header claims" in info.warning
+    resampled, info16 = load_audio(cut)
+    assert info16.frames == info.frames and abs(len(resampled) - info.frames / 3) <= 1

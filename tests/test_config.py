@@ -63,7 +63,7 @@ def test_flags_stored_as_ints_become_bools():
         ({"input_patch_size": 8}, "input_patch_size"),
         ({"activation_fn": "swish"}, "activation_fn"),
         ({"dropout": 1.5}, "dropout"),
-        ({"encoder_layers": 0}, "encoder_layers"),
+        ({"encoder_layers": -1}, "encoder_layers"),
         ({"encoder_layers": 2.5}, "encoder_layers"),
         ({"deep_norm": "yes"}, "deep_norm"),
         ({"deep_norm": True, "layer_norm_first": True}, "deep_norm"),

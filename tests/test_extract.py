@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -198,7 +199,9 @@ def test_safetensors_shards_equal_npy(tmp_path):
             ExtractOptions(pooling=spec, num_workers=0, output_format="safetensors",
                            shard_size=4), progress=False)
     shards = sorted((tmp_path / "st").glob("shard-*.safetensors"))
-    assert [s.name for s in shards] == [f"shard-00-0000{i}.safetensors" for i in range(3)]
+    run = shards[0].name.split("-00-")[0]  # shard-<run id>-<rank>-<number>
+    assert re.fullmatch(r"shard-\d{8}T\d{6}-[0-9a-f]{6}", run)
+    assert [s.name for s in shards] == [f"{run}-00-0000{i}.safetensors" for i in range(3)]
     tensors = {}
     for s in shards:
         tensors.update(load_file(s))

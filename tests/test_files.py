@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from beats.files import atomic_write, discover_inputs, output_path
+from beats.files import (
+    LOCK_NAME,
+    FolderBusyError,
+    atomic_write,
+    discover_inputs,
+    folder_lock,
+    output_path,
+    printable,
+)
 from beats.manifest import FAILED, OK, ManifestWriter, Record, latest_by_key, read_manifest
 
 
@@ -90,3 +101,103 @@ def test_manifest_round_trip_and_torn_line(tmp_path):
         m.append(Record("b.wav", "b.wav", OK, 2.0, 8000, "b.wav.npy", [768]))
     latest = latest_by_key(read_manifest(path))
     assert latest["b.wav"].status == OK and len(latest) == 2
+
+
+def test_manifest_skips_every_line_that_is_not_a_record(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    good = Record("/in/a.wav", "a.wav", OK, 1.5, 16000, "a.wav.npy", [768])
+    lines = [
+        good.to_json().encode(),
+        b"[1,2,3]", b"null", b"42", b'"a string"', b"{}", b"true",
+        b'{"input": "/in/b.wav", "key": 7, "status": "ok"}',  # a key that is not a path
+        b'{"input": "/in/b.wav", "key": "b.wav", "status": "done"}',  # unknown status
+        b'{"input": "/in/b.wav", "key": "b.wav", "status": "ok", "shape": "768"}',
+        b'{"input": "/in/b.wav", "key": "b.wav", "status": "ok", "duration": "long"}',
+        b'{"input": "/in/\\ud800.wav", "key": "x.wav", "status": "ok"}',  # no file name
+        b"\xff\xfe not UTF-8 at all",
+        b"[" * 100000,  # deeper than the JSON parser goes
+        Record("/in/c.wav", "c.wav", FAILED, error="corrupt").to_json().encode(),
+    ]
+    torn = Record("/in/caf\u00e9.wav", "caf\u00e9.wav", OK).to_json().encode()
+    torn = torn[: torn.index("\u00e9".encode()) + 1]  # killed inside the two bytes of "é"
+    path.write_bytes(b"\n".join(lines) + b"\n" + torn)
+    assert [r.key for r in read_manifest(path)] == ["a.wav", "c.wav"]
+    with ManifestWriter(path) as m:  # a resumed run appends on a fresh line
+        m.append(Record("/in/d.wav", "d.wav", OK, 2.0, 8000, "d.wav.npy", [768]))
+    records = read_manifest(path)
+    assert [r.key for r in records] == ["a.wav", "c.wav", "d.wav"]
+    assert records[0] == good and records[2].duration == 2.0
+
+
+def test_manifest_keeps_names_that_are_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9 \xff.wav")  # Latin-1 bytes: lone surrogates in Python
+    path = tmp_path / "manifest.jsonl"
+    record = Record(f"/in/{name}", name, OK, 1.0, 16000, f"{name}.npy", [48],
+                    extra={"warning": "note"})
+    with ManifestWriter(path) as m:
+        m.append(record)
+    raw = path.read_bytes()
+    raw.decode("utf-8")  # the manifest stays valid UTF-8 for every other tool
+    assert b"caf\\udce9 \\udcff.wav" in raw
+    (back,) = read_manifest(path)
+    assert back == record and os.fsencode(back.key) == b"caf\xe9 \xff.wav"
+    assert printable(name) == "caf\\xe9 \\xff.wav"
+
+
+def test_list_file_paths_are_relative_to_its_folder_and_may_be_any_bytes(tmp_path):
+    name = os.fsdecode(b"ol\xe9.wav")
+    target = _touch(tmp_path / "lists" / "audio" / name)
+    listing = tmp_path / "lists" / "files.txt"
+    listing.write_bytes(b"audio/ol\xe9.wav\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    try:
+        os.chdir(elsewhere)  # the current directory plays no part
+        found = discover_inputs([Path("..") / "lists" / "files.txt"])
+    finally:
+        os.chdir(cwd)
+    assert [f.key for f in found] == [f"audio/{name}"]
+    assert (elsewhere / found[0].path).resolve() == target.resolve()
+
+
+LOCK_HOLDER = """
+import sys, time
+from beats.files import folder_lock
+with folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_folder_lock_excludes_a_second_holder(tmp_path):
+    with folder_lock(tmp_path / "out", "beats extract") as folder:
+        assert folder == tmp_path / "out"
+        with pytest.raises(FolderBusyError, match=r"another beats extract run is writing "
+                                                  r"into .*out"), \
+                folder_lock(folder, "beats extract"):
+            pass
+    with folder_lock(tmp_path / "out"):  # released at the end of the block
+        pass
+
+
+def test_folder_lock_of_a_live_process_holds_and_a_killed_one_does_not(tmp_path):
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(FolderBusyError), folder_lock(out):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    assert (out / LOCK_NAME).exists()  # the file stays, the lock does not
+    with folder_lock(out):
+        pass

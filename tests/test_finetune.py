@@ -175,7 +175,7 @@ def test_non_finite_loss_is_an_error_not_a_success(tmp_path, sound_classes_dir, 
     proc = finetune(str(data), "-o", str(out), "-m", str(tiny_checkpoint), "--lr", "1e30",
                     "--warmup-steps", "0", "--steps", "4", "--batch-size", "4", "-j", "0", "-q",
                     "--clip-norm", "0", "--crop-seconds", "1", "--eval-every", "1")
-    assert proc.returncode == 3, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     assert "not finite" in proc.stderr and "state/last.pt" in proc.stderr
     assert not (out / "report.json").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,34 @@ def test_committed_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
+# Appended to a notebook before it runs, to measure its figures: the hidden-state curves
+# of the quickstart must have no offset on their axes (with the random demo model they are
+# nearly flat, and matplotlib would label them "+2.7712e1"); the confusion matrix's numbers
+# must contrast with their cells (WCAG contrast ratio) and be large enough to read.
+CHECKS = {
+    "01_quickstart.ipynb": """
+print("OFFSETS", repr([a.yaxis.get_major_formatter().get_offset() for a in axes]))
+""",
+    "02_frozen_backbone_classifier.ipynb": """
+import matplotlib.colors as _mc
+
+def _luminance(colour):
+    rgb = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in _mc.to_rgb(colour)]
+    return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+_image = ax.images[0]
+_ratios = []
+for _t in ax.texts:
+    _j, _i = _t.get_position()
+    _cell = _image.cmap(_image.norm(_image.get_array()[round(_i), round(_j)]))
+    _dark, _light = sorted([_luminance(_cell), _luminance(_t.get_color())])
+    _ratios.append((_light + 0.05) / (_dark + 0.05))
+print("CONTRAST", min(_ratios), "FONTSIZE", min(_t.get_fontsize() for _t in ax.texts))
+""",
+}
+CHECKS["03_finetune.ipynb"] = CHECKS["02_frozen_backbone_classifier.ipynb"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("sox") and shutil.which("espeak-ng")),
                     reason="the notebooks make audio with sox and espeak-ng")
@@ -34,11 +63,19 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("BEATS_CACHE", str(tmp_path / "cache"))  # nothing cached: demo models
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )
+    # tqdm.auto without ipywidgets warns "IProgress not found" and draws no bar
+    assert "IProgress" not in text and "TqdmWarning" not in text
+    if "quickstart" in path.name:
+        assert "OFFSETS ['', '', '']" in text
+    else:
+        contrast, size = re.search(r"CONTRAST (\S+) FONTSIZE (\S+)", text).groups()
+        assert float(contrast) >= 4.5 and float(size) >= 12
     assert "RANDOM DEMO MODEL" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)

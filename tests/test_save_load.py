@@ -126,7 +126,7 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     (lambda c: {**c, "model_type": "wav2vec2"}, "describes a 'wav2vec2' model, not a BEATs"),
     (lambda c: {**c, "beats_format_version": 2}, "format version 2; this beats reads up to"),
     (lambda c: [c], "must hold a JSON object"),
-    (lambda c: {**c, "encoder_layers": 0}, "encoder_layers=0: must be positive"),
+    (lambda c: {**c, "encoder_layers": -1}, "encoder_layers=-1: must be 0 or more"),
 ])
 def test_bad_config_json(tmp_path, edit, message):
     reference_model("postnorm_gru").save_pretrained(tmp_path)
@@ -161,7 +161,7 @@ def test_weights_not_matching_config_are_listed(tmp_path):
     reference_model("postnorm_gru").save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "encoder_layers": 2}))
-    with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): \['encoder\.layers\.2\."):
+    with pytest.raises(ValueError, match=r"\d+ unexpected keys \(encoder\.layers\.2\."):
         BEATs.from_pretrained(tmp_path)
 
 
@@ -246,5 +246,5 @@ def test_pickle_carrying_a_code_object_is_refused_without_running_it(tmp_path):
         BEATs.from_pretrained(path)
     text = str(err.value)
     assert f"{path} is not a plain-tensor checkpoint: loading it would run code" in text
-    assert "GLOBAL exec was not an allowed global" in text and "beats convert" in text
+    assert "(it calls exec)" in text and "beats convert" in text
     assert not marker.exists()

@@ -8,19 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .arguments import (
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
 
 
 # (config field, flags, type, help). Defaults come from FinetuneConfig; --help shows them.
@@ -28,56 +24,61 @@ OPTIONS: list[tuple[str, tuple[str, ...], Any, str]] = [
     ("epochs", ("--epochs",), positive_int, "passes over the training clips"),
     ("steps", ("--steps",), positive_int, "optimiser steps (overrides --epochs)"),
     ("batch_size", ("--batch-size",), positive_int, "clips per optimiser step, all processes"),
-    ("batch_seconds", ("--batch-seconds",), float,
+    ("batch_seconds", ("--batch-seconds",), positive_float,
      "audio seconds per step instead: clips = round(this / --crop-seconds)"),
     ("micro_batch", ("--micro-batch",), positive_int,
      "clips per forward pass per process (gradient accumulation; default: the whole share)"),
-    ("lr", ("--lr",), float, "peak learning rate (AdamW)"),
+    ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
     ("schedule", ("--schedule",), str, "after warm-up: cosine, linear (to 0) or constant"),
-    ("warmup_steps", ("--warmup-steps",), nonnegative_int,
+    ("warmup_steps", ("--warmup-steps",), non_negative_int,
      "linear warm-up steps (0: --warmup-ratio of all steps)"),
-    ("warmup_ratio", ("--warmup-ratio",), float, "warm-up as a share of all steps"),
-    ("weight_decay", ("--weight-decay",), float, "AdamW weight decay (not on biases/norms)"),
-    ("clip_norm", ("--clip-norm",), float, "gradient-norm clip (0: off)"),
-    ("layer_lr_decay", ("--layer-lr-decay",), float,
+    ("warmup_ratio", ("--warmup-ratio",), non_negative_float, "warm-up as a share of all steps"),
+    ("weight_decay", ("--weight-decay",), non_negative_float,
+     "AdamW weight decay (not on biases/norms)"),
+    ("clip_norm", ("--clip-norm",), non_negative_float, "gradient-norm clip (0: off)"),
+    ("layer_lr_decay", ("--layer-lr-decay",), positive_float,
      "layer-wise learning-rate decay: layer L-1-i gets lr * decay^(i+1) (1: off); the "
      "effective form under Adam"),
-    ("grad_decay", ("--grad-decay",), float,
+    ("grad_decay", ("--grad-decay",), positive_float,
      "layer-wise gradient decay (GradMultiply, the released configs' 0.6; 1: off). Adam "
      "nearly cancels a constant gradient scale: prefer --layer-lr-decay"),
-    ("layerdrop", ("--layerdrop",), float, "probability of skipping each encoder layer"),
-    ("dropout", ("--dropout",), float, "encoder dropout"),
-    ("attention_dropout", ("--attention-dropout",), float, "attention dropout"),
-    ("head_dropout", ("--head-dropout",), float, "dropout before the class head"),
-    ("freeze_layers", ("--freeze-layers",), nonnegative_int,
+    ("layerdrop", ("--layerdrop",), non_negative_float,
+     "probability of skipping each encoder layer"),
+    ("dropout", ("--dropout",), non_negative_float, "encoder dropout"),
+    ("attention_dropout", ("--attention-dropout",), non_negative_float, "attention dropout"),
+    ("head_dropout", ("--head-dropout",), non_negative_float, "dropout before the class head"),
+    ("freeze_layers", ("--freeze-layers",), non_negative_int,
      "keep the patch embedding and the bottom k layers frozen"),
-    ("mixup", ("--mixup",), float,
+    ("mixup", ("--mixup",), non_negative_float,
      "probability that a clip is mixed with another (0: off); makes the loss BCE"),
-    ("mixup_alpha", ("--mixup-alpha",), float, "mixup weight ~ Beta(alpha, alpha)"),
-    ("time_mask", ("--time-mask",), float,
+    ("mixup_alpha", ("--mixup-alpha",), positive_float, "mixup weight ~ Beta(alpha, alpha)"),
+    ("time_mask", ("--time-mask",), non_negative_float,
      "SpecAugment: 2 time masks, each up to this share of the frames (0: off)"),
-    ("freq_mask", ("--freq-mask",), nonnegative_int,
+    ("freq_mask", ("--freq-mask",), non_negative_int,
      "SpecAugment: 2 frequency masks, each up to this many of 128 mel bins (0: off)"),
     ("roll", ("--roll",), "flag", "random circular roll of the waveform"),
     ("balanced", ("--balanced",), "flag",
      "balanced sampling for multi-label data (AST's weights: sum of 1000 / (label count "
      "+ 0.01) over a clip's labels)"),
-    ("crop_seconds", ("--crop-seconds",), float,
+    ("crop_seconds", ("--crop-seconds",), positive_float,
      "training reads random crops of this length from longer clips (evaluation: whole clips)"),
-    ("val_fraction", ("--val-fraction",), float, "share of clips per class for validation"),
-    ("test_fraction", ("--test-fraction",), float, "share of clips per class held out"),
+    ("val_fraction", ("--val-fraction",), non_negative_float,
+     "share of clips per class for validation"),
+    ("test_fraction", ("--test-fraction",), non_negative_float,
+     "share of clips per class held out"),
     ("val_fold", ("--val-fold",), str, "CSV fold used for validation (best checkpoint)"),
     ("test_fold", ("--test-fold",), str, "CSV fold held out for scoring"),
-    ("patience", ("--patience",), nonnegative_int,
+    ("patience", ("--patience",), non_negative_int,
      "validations without improvement before stopping (0: never)"),
-    ("eval_every", ("--eval-every",), nonnegative_int, "steps between validations (0: each epoch)"),
+    ("eval_every", ("--eval-every",), non_negative_int,
+     "steps between validations (0: each epoch)"),
     ("eval_batch", ("--eval-batch",), positive_int, "clips per forward pass in evaluation"),
     ("log_every", ("--log-every",), positive_int, "steps between metrics.jsonl lines"),
     ("save_every", ("--save-every",), positive_int, "steps between training-state checkpoints"),
     ("dtype", ("--dtype",), str, "autocast dtype: float32, bfloat16 or float16 (loss scaling)"),
     ("device", ("--device",), str, "auto (cuda, mps, cpu), cpu, cuda, cuda:1, ..."),
-    ("seed", ("--seed",), nonnegative_int, "seed of data order, crops, augmentation, head init"),
-    ("num_workers", ("-j", "--workers"), nonnegative_int,
+    ("seed", ("--seed",), non_negative_int, "seed of data order, crops, augmentation, head init"),
+    ("num_workers", ("-j", "--workers"), non_negative_int,
      "processes reading audio (0: in the main process)"),
     ("fsdp", ("--fsdp",), "flag",
      "shard the model over torchrun processes (FSDP2, one unit per encoder layer)"),
@@ -97,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "checkpoint with your class names: best validation step), OUT/model-last, "
             "OUT/report.json, OUT/metrics.jsonl, OUT/config.json and OUT/state (for "
             "--resume). Several processes: torchrun --nproc-per-node N -m beats finetune ... "
-            "Exit codes: 0 done, 2 bad input or setup, 3 training diverged."
+            "Exit codes: 0 done, 2 bad input or setup, 3 a bug, 4 training diverged."
         ),
     )
     build(p)
@@ -109,7 +110,7 @@ def build(p: argparse.ArgumentParser) -> None:
 
     defaults = FinetuneConfig()
     p.add_argument("data", nargs="?", help="class folder or CSV (optional with --config-file)")
-    p.add_argument("-o", "--output", help="output folder (required)")
+    p.add_argument("-o", "--output", type=output_folder, help="output folder (required)")
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint to start from: registry name, hub repo, folder or .pt "
                         "(default: the registry's default model)")
@@ -141,30 +142,27 @@ def _config_file_defaults(parser: argparse.ArgumentParser, argv_path: str) -> No
 
 def run(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
-    from ..train.loop import RunError, TrainingError
+    from ..train.loop import TrainingError
 
+    if args.config_file:
+        # parse again with the file's values as defaults: the command line wins
+        argv = list(getattr(args, "argv", None) or sys.argv[1:])
+        parser = argparse.ArgumentParser(prog="beats finetune")
+        build(parser)
+        _config_file_defaults(parser, args.config_file)
+        args = parser.parse_args(argv[argv.index("finetune") + 1:])
+    if not args.data or not args.output:
+        raise ValueError("give DATA and -o OUT (or --config-file OUT/config.json)")
+    from dataclasses import fields
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    model = args.model or _default_model()
     try:
-        if args.config_file:
-            # parse again with the file's values as defaults: the command line wins
-            argv = list(getattr(args, "argv", None) or sys.argv[1:])
-            parser = argparse.ArgumentParser(prog="beats finetune")
-            build(parser)
-            _config_file_defaults(parser, args.config_file)
-            args = parser.parse_args(argv[argv.index("finetune") + 1:])
-        if not args.data or not args.output:
-            raise ValueError("give DATA and -o OUT (or --config-file OUT/config.json)")
-        from dataclasses import fields
-
-        names = {f.name for f in fields(FinetuneConfig)}
-        cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
-        model = args.model or _default_model()
         result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
-    except TrainingError as e:
-        print(f"beats finetune: {e}", file=sys.stderr)
-        return 3
-    except (RunError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"beats finetune: {e}", file=sys.stderr)
-        return 2
+    except TrainingError as e:  # other errors: one line from beats.cli (exit 2), or a bug
+        print(f"beats finetune: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     report = result.report
     if not args.quiet:
         for split in ("val", "test"):

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
             "name": entry.name,
             "kind": entry.kind,
             "default": entry.default,
-            "aliases": list(entry.aliases),
+            # `default` names the default entry (`registry.find`), whatever its aliases say.
+            "aliases": list(entry.aliases) + (["default"] if entry.default else []),
             "cached": cache.is_cached(entry, args.cache_dir),
             "cache_path": str(cache.model_dir(entry, args.cache_dir)),
             "sha256": entry.sha256,

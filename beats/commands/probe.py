@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..pooling import PoolingSpec
+from .arguments import non_negative_int, output_folder, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,28 +28,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("inputs", nargs="+", help="DATA (train) or audio files (--predict)")
-    p.add_argument("-o", "--output", help="folder for the trained probe (train)")
+    p.add_argument("-o", "--output", type=output_folder,
+                   help="folder for the trained probe (train)")
     p.add_argument("--predict", metavar="PROBE_DIR", help="apply the probe in PROBE_DIR")
-    p.add_argument("-m", "--model", default=None, help="backbone (default: registry default)")
+    p.add_argument("-m", "--model", default=None,
+                   help="backbone (default: the registry's default model; with --predict, "
+                        "the probe's own)")
     p.add_argument("--embeddings", help="a `beats extract` output folder to train from")
-    p.add_argument("--kind", default="linear", choices=("linear", "attentive"))
+    p.add_argument("--kind", default="linear", choices=("linear", "attentive"),
+                   help="linear: on the time-averaged embedding; attentive: attention "
+                        "pooling over the 160 ms steps")
     p.add_argument("--layer", default="last", help="last, or a hidden-state number")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=20, help="epochs without improvement")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--epochs", type=positive_int, default=200, help="most training epochs")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="clips per step")
+    p.add_argument("--patience", type=positive_int, default=20,
+                   help="epochs without improvement before stopping")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of the training clips held out for early stopping")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of the clips held out for scoring")
     p.add_argument("--val-fold", help="CSV fold used for early stopping")
     p.add_argument("--test-fold", help="CSV fold held out for scoring")
     p.add_argument("--cv", action="store_true", help="cross-validate over the CSV folds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("-j", "--workers", type=int, default=2, help="audio reading processes")
-    p.add_argument("--top-k", type=int, default=3, help="labels shown per file (--predict)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the head")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("-j", "--workers", type=non_negative_int, default=2,
+                   help="audio reading processes")
+    p.add_argument("--top-k", type=positive_int, default=3,
+                   help="labels shown per file (--predict)")
     p.add_argument("--json", action="store_true", help="JSON lines output (--predict)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or scores")
 
 
 def _pooling(kind: str, layer: str) -> PoolingSpec:
@@ -65,15 +76,11 @@ def _load_backbone(name: str | None, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.predict:
-            return _predict(args)
-        if not args.output:
-            raise ValueError("training needs -o OUT (or use --predict PROBE_DIR FILES...)")
-        return _train(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"beats probe: {e}", file=sys.stderr)
-        return 2
+    if args.predict:
+        return _predict(args)
+    if not args.output:
+        raise ValueError("training needs -o OUT (or use --predict PROBE_DIR FILES...)")
+    return _train(args)
 
 
 def _embeddings(args: argparse.Namespace, paths: list[Path]) -> tuple[list[np.ndarray], dict]:
@@ -98,6 +105,7 @@ def _embeddings(args: argparse.Namespace, paths: list[Path]) -> tuple[list[np.nd
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..files import atomic_write
     from ..probe import (
         Probe,
         TrainConfig,
@@ -159,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
     meta = {"kind": args.kind, "classes": data.classes, "multilabel": data.multilabel,
             "model": settings.get("model"), "embedding": settings, "report": report}
     save_probe(args.output, probe, meta)
-    with open(Path(args.output) / "report.json", "w") as f:
+    with atomic_write(Path(args.output) / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     if not args.quiet:
         for split in ("val", "test"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from .arguments import positive_int
 
 DEFAULT_TAGGER = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2"
 
@@ -19,9 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="audio files, folders or list files")
     p.add_argument("-m", "--model", default=DEFAULT_TAGGER,
                    help=f"a fine-tuned checkpoint (default: {DEFAULT_TAGGER})")
-    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument("-k", "--top-k", type=positive_int, default=5,
+                   help="labels shown per file, most probable first")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,15 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from ..model import BEATs
     from .extract import pick_device
 
-    try:
-        model = BEATs.from_pretrained(args.model, device=pick_device(args.device))
-        if model.predictor is None:
-            raise ValueError(f"{args.model} has no class head: tag needs a fine-tuned model "
-                             f"such as {DEFAULT_TAGGER}")
-        inputs = discover_inputs(args.inputs)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"beats tag: {e}", file=sys.stderr)
-        return 2
+    model = BEATs.from_pretrained(args.model, device=pick_device(args.device))
+    if model.predictor is None:
+        raise ValueError(f"{args.model} has no class head: tag needs a fine-tuned model "
+                         f"such as {DEFAULT_TAGGER}")
+    inputs = discover_inputs(args.inputs)
     failed = 0
     for item in inputs:
         try:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from .extract import DTYPES, add_run_arguments, pick_device, report, run_options
+from .extract import DTYPES, add_run_arguments, interrupted, pick_device, report, run_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,14 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from ..extract import extract
     from ..tokenizer import BEATsTokenizer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    options = run_options(args, tokens=True)
+    model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
+                                           dtype=DTYPES[args.dtype])
     try:
-        options = run_options(args, tokens=True)
-        model = BEATsTokenizer.from_pretrained(args.model, device=pick_device(args.device),
-                                               dtype=DTYPES[args.dtype])
         summary = extract(model, args.inputs, args.output, options, model_name=args.model,
                           progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"beats tokenize: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return interrupted("tokenize", args.output)
     return report("tokenize", summary, args.quiet)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import serialization
+from ..config import BEATsConfig
 from ..fbank import fbank
 from ..files import atomic_write
 from ..metrics import classification_report, score
@@ -238,11 +239,11 @@ def _layer_levels(model: BEATs) -> dict[str, int]:
     return levels
 
 
-def _fbank(wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The filterbank in float32 even under autocast: its power spectrum spans ~1e17 and
-    overflows float16 (bfloat16 would lose the low bins)."""
+def _fbank(wav: torch.Tensor, lengths: torch.Tensor, cfg: BEATsConfig) -> torch.Tensor:
+    """The model's filterbank, in float32 even under autocast: its power spectrum spans
+    ~1e17 and overflows float16 (bfloat16 would lose the low bins)."""
     with torch.autocast(wav.device.type, enabled=False):
-        return fbank(wav.float(), lengths)[0]
+        return fbank(wav.float(), lengths, mean=cfg.fbank_mean, std=cfg.fbank_std)[0]
 
 
 # --------------------------------------------------------------------------- the task
@@ -327,7 +328,7 @@ class FinetuneTask(loop.Task):
         if self.cfg.mixup > 0:
             wav, lengths, targets = mixup(wav, lengths, targets, self.cfg.mixup,
                                           self.cfg.mixup_alpha)
-        features = _fbank(wav, lengths)
+        features = _fbank(wav, lengths, self.model.cfg)
         features = apply_masks(features, batch.get("time_masks"), batch.get("freq_masks"))
         logits = self.model.forward_fbank(features, lengths).logits
         assert logits is not None
@@ -361,8 +362,8 @@ class FinetuneTask(loop.Task):
                 if batch["count"] == 0:
                     continue
                 lengths = batch["lengths"].to(device)
-                out = self.model.forward_fbank(_fbank(batch["wav"].to(device), lengths),
-                                               lengths)
+                features = _fbank(batch["wav"].to(device), lengths, self.model.cfg)
+                out = self.model.forward_fbank(features, lengths)
                 logits[batch["index"]] = out.logits.float().cpu()
                 kept[batch["index"]] = True
         targets = self.targets([c.target for c in clips])
