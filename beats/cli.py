@@ -25,7 +25,9 @@ from .commands.arguments import HelpFormatter
 from .files import printable
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
-SUBCOMMANDS: list[str] = ["extract", "tag", "tokenize", "probe", "models", "convert"]
+SUBCOMMANDS: list[str] = [
+    "extract", "tag", "tokenize", "probe", "finetune", "models", "convert",
+]
 INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as typed (--config-file)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_SETUP

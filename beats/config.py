@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PREDICTOR_ACTIVATIONS = ("sigmoid", "softmax")
 ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear", "glu")
 _INT_KEYS = (
     "input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
@@ -81,6 +82,10 @@ class BEATsConfig:
     finetuned_model: bool = False
     predictor_dropout: float = 0.1
     predictor_class: int = 527
+    # How `probs` and `predict_labels` turn logits into probabilities. Not a Microsoft key:
+    # its released fine-tuned models are multi-label ("sigmoid"); a single-label fine-tune
+    # trained with cross-entropy says "softmax". The logits are the same either way.
+    predictor_activation: str = "sigmoid"
     quant_n: int = 1024
     quant_dim: int = 256
     # Quantisation noise (Fan et al. 2020) on the attention projections, training only.
@@ -164,6 +169,8 @@ class BEATsConfig:
         need(self.encoder_embed_dim % self.conv_pos_groups == 0, "encoder_embed_dim",
              f"must be divisible by conv_pos_groups={self.conv_pos_groups}")
         need(self.activation_fn in ACTIVATIONS, "activation_fn", f"must be one of {ACTIVATIONS}")
+        need(self.predictor_activation in PREDICTOR_ACTIVATIONS, "predictor_activation",
+             f"must be one of {PREDICTOR_ACTIVATIONS}")
         for key in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
                     "dropout_input", "predictor_dropout"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must lie in [0, 1]")

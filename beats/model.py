@@ -69,7 +69,8 @@ class BEATsOutput:
         padding_mask: (B, S) bool, True at padded positions.
         hidden_states: L + 1 tensors (B, S, C) when asked for, else None.
         logits: (B, classes) fine-tuned models: the predictor averaged over valid positions.
-        probs: (B, classes) ``sigmoid(logits)``.
+        probs: (B, classes) ``sigmoid(logits)``, or ``softmax`` for single-label
+            fine-tunes (``cfg.predictor_activation``).
     """
 
     features: torch.Tensor
@@ -119,7 +120,8 @@ class BEATs(nn.Module):
             self.predictor: nn.Linear | None = nn.Linear(dim, cfg.predictor_class)
         else:
             self.predictor = None
-        self.label_dict: dict[int, str] | None = None  # class index -> AudioSet MID
+        # class index -> AudioSet MID, or the class name of a `beats finetune` model
+        self.label_dict: dict[int, str] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -281,8 +283,15 @@ class BEATs(nn.Module):
             # Pooled in float32 whatever the model's dtype; logits and probs are float32.
             scores = self.predictor(self.predictor_dropout(x)).float() * keep
             out.logits = scores.sum(dim=1) / keep.sum(dim=1)
-            out.probs = torch.sigmoid(out.logits)
+            out.probs = self.activate(out.logits)
         return out
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from logits (B, classes): ``sigmoid`` (multi-label, the released
+        models) or ``softmax`` over classes, as ``cfg.predictor_activation`` says."""
+        if self.cfg.predictor_activation == "softmax":
+            return logits.softmax(dim=-1)
+        return torch.sigmoid(logits)
 
     def _layer_index(self, output_layer: int | None) -> int | None:
         """``output_layer`` checked and mapped to 0..L (negative counts from the end)."""

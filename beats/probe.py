@@ -31,6 +31,7 @@ from .audio import AUDIO_EXTENSIONS
 from .files import InputFile, atomic_path, atomic_write
 from .heads import Head, classification_loss
 from .manifest import FAILED, latest_by_key, read_manifest
+from .metrics import accuracy, macro_f1, mean_average_precision
 
 KINDS = ("linear", "attentive")
 
@@ -52,7 +53,7 @@ class LabelledSet:
         if not self.classes:
             self.classes = sorted({c for labels in self.labels for c in labels})
         if len(self.classes) < 2:
-            raise ValueError(f"a probe needs at least 2 classes, found {self.classes}")
+            raise ValueError(f"a classifier needs at least 2 classes, found {self.classes}")
         self.multilabel = self.multilabel or any(len(ls) != 1 for ls in self.labels)
 
     def targets(self) -> torch.Tensor:
@@ -84,22 +85,49 @@ def read_folder(root: str | os.PathLike) -> LabelledSet:
 
 
 def read_csv(path: str | os.PathLike) -> LabelledSet:
-    """Columns ``path,label[,fold]``; ``label`` may hold several labels joined by ``;``."""
+    """A labelled table, in one of two layouts (paths relative to the CSV):
+
+    - ``path,label[,fold]``: ``label`` holds one class, or several joined by ``;``
+      (multi-label);
+    - ``path,CLASS_1,...,CLASS_K[,fold]``: a multi-label header naming the classes, each
+      row 1 (or 0 / empty) under each class.
+
+    A row whose fields do not match the header is refused with its line number.
+    """
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0] or "label" not in rows[0]:
-        raise ValueError(f"{path}: needs a header with columns path,label[,fold]")
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        rows = list(reader)
+    if "path" not in header or len(header) < 2:
+        raise ValueError(f"{path}: needs a header with columns path,label[,fold] (or "
+                         "path,CLASS_1,...,CLASS_K[,fold] for multi-label)")
+    wide = "label" not in header
+    classes = [h for h in header if h not in ("path", "fold")] if wide else []
+    if wide and len(classes) < 2:
+        raise ValueError(f"{path}: a multi-label header needs 2 or more class columns after "
+                         f"'path', got {classes}")
     paths, labels, folds = [], [], []
     for number, row in enumerate(rows, start=2):
-        names = tuple(sorted({x.strip() for x in (row["label"] or "").split(";") if x.strip()}))
-        if not names:
-            raise ValueError(f"{path}:{number}: empty label")
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{path}:{number}: the row has a different number of fields "
+                             f"than the header ({len(header)}: {','.join(header)})")
+        row = {k.strip(): v.strip() for k, v in row.items()}
+        if wide:
+            bad = {c: row[c] for c in classes if row[c] not in ("0", "1", "")}
+            if bad:
+                raise ValueError(f"{path}:{number}: {bad} do not match the multi-label "
+                                 "header: each class column holds 1 (has the label) or 0")
+            names = tuple(sorted(c for c in classes if row[c] == "1"))
+        else:
+            names = tuple(sorted({x.strip() for x in row["label"].split(";") if x.strip()}))
+            if not names:
+                raise ValueError(f"{path}:{number}: empty label")
         p = Path(row["path"])
         paths.append((p if p.is_absolute() else path.parent / p).resolve())
         labels.append(names)
-        folds.append((row.get("fold") or "").strip() or None)
-    return LabelledSet(paths, labels, folds)
+        folds.append(row.get("fold") or None)
+    return LabelledSet(paths, labels, folds, classes=sorted(classes), multilabel=wide)
 
 
 def read_labelled_set(source: str | os.PathLike) -> LabelledSet:
@@ -196,26 +224,10 @@ class Probe(nn.Module):
 
 # --------------------------------------------------------------------------- metrics
 def metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> dict[str, float]:
-    """accuracy and macro F1 (single-label), or mAP (multi-label)."""
+    """accuracy and macro F1 (single-label), or mAP (multi-label): see `beats.metrics`."""
     if multilabel:
-        aps = []
-        for k in range(targets.shape[1]):
-            positives = targets[:, k] > 0.5
-            if not positives.any():
-                continue
-            order = logits[:, k].argsort(descending=True)
-            hits = positives[order].float()
-            precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-            aps.append(float((precision * hits).sum() / hits.sum()))
-        return {"mAP": float(np.mean(aps)) if aps else 0.0}
-    pred = logits.argmax(dim=1)
-    f1s = []
-    for k in sorted(set(targets.tolist()) | set(pred.tolist())):
-        tp = int(((pred == k) & (targets == k)).sum())
-        fp = int(((pred == k) & (targets != k)).sum())
-        fn = int(((pred != k) & (targets == k)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return {"accuracy": float((pred == targets).float().mean()), "macro_f1": float(np.mean(f1s))}
+        return {"mAP": mean_average_precision(logits, targets)[0]}
+    return {"accuracy": accuracy(logits, targets), "macro_f1": macro_f1(logits, targets)}
 
 
 def _score(m: dict[str, float]) -> float:

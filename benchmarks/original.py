@@ -13,8 +13,9 @@ original code, not copied from it. It keeps what makes the original slow on purp
   batch, and handed from layer to layer as in the original; each layer gates it anew;
 - the weight-normalised positional convolution recomputes its weight on every call.
 
-It reads the state dict of a `beats.BEATs` (the same weights), runs in eval mode only,
-and takes equal-length clips (no padding: the original's padding mask is misaligned).
+It reads the state dict of a `beats.BEATs` (the same weights), runs in eval mode only (no
+dropout), and takes equal-length clips (no padding: the original's padding mask is
+misaligned). `trainable` + `forward` give the forward/backward baseline of training.
 """
 
 from __future__ import annotations
@@ -149,9 +150,20 @@ class OriginalBEATs:
         h = self._linear(self._activation(x, name), f"{name}.fc2")
         return self._norm(x * a + h, f"{name}.final_layer_norm"), bias
 
+    def trainable(self) -> list[torch.Tensor]:
+        """Make the weights leaf tensors that require grad (for the training baseline);
+        returns them, for an optimiser. `forward` then builds the autograd graph."""
+        self.p = {k: v.detach().clone().requires_grad_(v.is_floating_point())
+                  for k, v in self.p.items()}
+        return [v for v in self.p.values() if v.requires_grad]
+
     @torch.no_grad()
     def __call__(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """wav (B, N) equal-length clips -> (features (B, S, C), L + 1 hidden states)."""
+        return self.forward(wav)
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`__call__` under the caller's grad mode (training baseline)."""
         cfg, p = self.cfg, self.p
         fbanks = [_kaldi_fbank(clip) for clip in wav]
         fb = (torch.stack(fbanks, dim=0) - 15.41663) / (2 * 6.55582)

@@ -79,3 +79,20 @@ def padded_batch(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     for i, c in enumerate(clips):
         batch[i, : len(c)] = c
     return batch, lengths
+
+
+@pytest.fixture(scope="session")
+def sound_classes_dir(tmp_path_factory) -> Path:
+    """3 classes x 20 real clips (espeak-ng speech, sox tones/chords, sox noise), made once."""
+    from .audio_files import HAVE_ESPEAK, HAVE_SOX, sound_classes
+
+    if not (HAVE_SOX and HAVE_ESPEAK):
+        pytest.skip("sox and espeak-ng make the audio (.ci/run installs them)")
+    return sound_classes(tmp_path_factory.mktemp("sounds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small random BEATs saved with save_pretrained (the tiny released layout)."""
+    torch.manual_seed(0)
+    return BEATs(tiny_config()).save_pretrained(tmp_path_factory.mktemp("tiny") / "model")

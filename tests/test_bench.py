@@ -63,3 +63,13 @@ def test_quick_pretrain_bench_prints_the_table(capsys):
     assert "| path | audio s/s | step s | vs full |" in text and "load average" in text
     assert [r["path"] for r in rows] == ["full", "masked-true"]
     assert all(r["audio_per_s"] > 0 for r in rows)
+
+
+def test_training_benchmark_quick_run(capsys):
+    from benchmarks import train_bench
+
+    rows = train_bench.main(["--quick"])
+    text = capsys.readouterr().out
+    assert "| path | audio s/s | s per step |" in text
+    assert [r["path"] for r in rows] == ["baseline", "fit-fp32", "fit-bf16"]
+    assert all(r["audio_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)

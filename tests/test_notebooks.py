@@ -15,7 +15,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb",
-                                           "02_frozen_backbone_classifier.ipynb"]
+                                           "02_frozen_backbone_classifier.ipynb",
+                                           "03_finetune.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -51,6 +52,7 @@ for _t in ax.texts:
 print("CONTRAST", min(_ratios), "FONTSIZE", min(_t.get_fontsize() for _t in ax.texts))
 """,
 }
+CHECKS["03_finetune.ipynb"] = CHECKS["02_frozen_backbone_classifier.ipynb"]
 
 
 @pytest.mark.slow
@@ -77,6 +79,9 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     assert "RANDOM DEMO MODEL" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
-    assert images == (2 if "quickstart" in path.name else 1)  # every figure drawn
+    figures = {"01_quickstart.ipynb": 2, "03_finetune.ipynb": 2}
+    assert images == figures.get(path.name, 1)  # every figure drawn
     if "classifier" in path.name:
         assert "held-out: {'accuracy'" in text
+    if "finetune" in path.name:
+        assert "held-out accuracy" in text and "labels: ['noise', 'speech', 'tonal']" in text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,39 +12,15 @@ from safetensors.torch import load_file
 from beats import BEATs
 from beats.probe import LabelledSet, metrics, read_csv, stratified_split
 
-from .audio_files import needs_espeak, needs_sox, sox, speech
+from .audio_files import needs_espeak, needs_sox
 from .conftest import tiny_config
 from .test_extract import beats_cli
 
-VOICES = ["en", "en-us", "en+f3", "en+m3", "de", "fr"]
-WORDS = ["hello there", "seven eight nine", "good morning to you", "open the window now",
-         "a small test", "numbers and letters"]
-
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(sound_classes_dir):
     """3 classes x 20 clips of 0.6 - 3 s: speech, tones/chords, coloured noise."""
-    root = tmp_path_factory.mktemp("sounds")
-    rng = np.random.default_rng(0)
-    for c in ("speech", "tonal", "noise"):
-        (root / c).mkdir()
-    for i in range(20):
-        seconds = f"{rng.uniform(0.6, 3.0):.2f}"
-        speech(root / "speech" / f"s{i:02d}.wav", WORDS[i % 6], voice=VOICES[i % 6],
-               speed=120 + 10 * (i % 7))
-        base = 200 + 37 * i
-        if i % 2:
-            chord = [f"{base * r:.0f}" for r in (1.0, 1.25, 1.5)]
-            synth = [x for f in chord for x in ("sine", f)]
-            sox("-n", "-r", "16000", str(root / "tonal" / f"t{i:02d}.wav"), "synth", seconds,
-                *synth, "remix", "-", "vol", "0.3")
-        else:
-            sox("-n", "-r", "16000", str(root / "tonal" / f"t{i:02d}.wav"), "synth", seconds,
-                "sine", str(base), "vol", "0.5")
-        colour = ("whitenoise", "pinknoise", "brownnoise")[i % 3]
-        sox("-n", "-r", "16000", str(root / "noise" / f"n{i:02d}.wav"), "synth", seconds,
-            colour, "vol", f"{rng.uniform(0.2, 0.6):.2f}")
-    return root
+    return sound_classes_dir
 
 
 @pytest.fixture(scope="module")

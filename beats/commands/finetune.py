@@ -1,0 +1,188 @@
+"""``beats finetune DATA -o OUT [-m MODEL]``: fine-tune the whole model on labelled audio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .arguments import (
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
+
+EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
+
+
+# (config field, flags, type, help). Defaults come from FinetuneConfig; --help shows them.
+OPTIONS: list[tuple[str, tuple[str, ...], Any, str]] = [
+    ("epochs", ("--epochs",), positive_int, "passes over the training clips"),
+    ("steps", ("--steps",), positive_int, "optimiser steps (overrides --epochs)"),
+    ("batch_size", ("--batch-size",), positive_int, "clips per optimiser step, all processes"),
+    ("batch_seconds", ("--batch-seconds",), positive_float,
+     "audio seconds per step instead: clips = round(this / --crop-seconds)"),
+    ("micro_batch", ("--micro-batch",), positive_int,
+     "clips per forward pass per process (gradient accumulation; default: the whole share)"),
+    ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
+    ("schedule", ("--schedule",), str, "after warm-up: cosine, linear (to 0) or constant"),
+    ("warmup_steps", ("--warmup-steps",), non_negative_int,
+     "linear warm-up steps (0: --warmup-ratio of all steps)"),
+    ("warmup_ratio", ("--warmup-ratio",), non_negative_float, "warm-up as a share of all steps"),
+    ("weight_decay", ("--weight-decay",), non_negative_float,
+     "AdamW weight decay (not on biases/norms)"),
+    ("clip_norm", ("--clip-norm",), non_negative_float, "gradient-norm clip (0: off)"),
+    ("layer_lr_decay", ("--layer-lr-decay",), positive_float,
+     "layer-wise learning-rate decay: layer L-1-i gets lr * decay^(i+1) (1: off); the "
+     "effective form under Adam"),
+    ("grad_decay", ("--grad-decay",), positive_float,
+     "layer-wise gradient decay (GradMultiply, the released configs' 0.6; 1: off). Adam "
+     "nearly cancels a constant gradient scale: prefer --layer-lr-decay"),
+    ("layerdrop", ("--layerdrop",), non_negative_float,
+     "probability of skipping each encoder layer"),
+    ("dropout", ("--dropout",), non_negative_float, "encoder dropout"),
+    ("attention_dropout", ("--attention-dropout",), non_negative_float, "attention dropout"),
+    ("head_dropout", ("--head-dropout",), non_negative_float, "dropout before the class head"),
+    ("freeze_layers", ("--freeze-layers",), non_negative_int,
+     "keep the patch embedding and the bottom k layers frozen"),
+    ("mixup", ("--mixup",), non_negative_float,
+     "probability that a clip is mixed with another (0: off); makes the loss BCE"),
+    ("mixup_alpha", ("--mixup-alpha",), positive_float, "mixup weight ~ Beta(alpha, alpha)"),
+    ("time_mask", ("--time-mask",), non_negative_float,
+     "SpecAugment: 2 time masks, each up to this share of the frames (0: off)"),
+    ("freq_mask", ("--freq-mask",), non_negative_int,
+     "SpecAugment: 2 frequency masks, each up to this many of 128 mel bins (0: off)"),
+    ("roll", ("--roll",), "flag", "random circular roll of the waveform"),
+    ("balanced", ("--balanced",), "flag",
+     "balanced sampling for multi-label data (AST's weights: sum of 1000 / (label count "
+     "+ 0.01) over a clip's labels)"),
+    ("crop_seconds", ("--crop-seconds",), positive_float,
+     "training reads random crops of this length from longer clips (evaluation: whole clips)"),
+    ("val_fraction", ("--val-fraction",), non_negative_float,
+     "share of clips per class for validation"),
+    ("test_fraction", ("--test-fraction",), non_negative_float,
+     "share of clips per class held out"),
+    ("val_fold", ("--val-fold",), str, "CSV fold used for validation (best checkpoint)"),
+    ("test_fold", ("--test-fold",), str, "CSV fold held out for scoring"),
+    ("patience", ("--patience",), non_negative_int,
+     "validations without improvement before stopping (0: never)"),
+    ("eval_every", ("--eval-every",), non_negative_int,
+     "steps between validations (0: each epoch)"),
+    ("eval_batch", ("--eval-batch",), positive_int, "clips per forward pass in evaluation"),
+    ("log_every", ("--log-every",), positive_int, "steps between metrics.jsonl lines"),
+    ("save_every", ("--save-every",), positive_int, "steps between training-state checkpoints"),
+    ("dtype", ("--dtype",), str, "autocast dtype: float32, bfloat16 or float16 (loss scaling)"),
+    ("device", ("--device",), str, "auto (cuda, mps, cpu), cpu, cuda, cuda:1, ..."),
+    ("seed", ("--seed",), non_negative_int, "seed of data order, crops, augmentation, head init"),
+    ("num_workers", ("-j", "--workers"), non_negative_int,
+     "processes reading audio (0: in the main process)"),
+    ("fsdp", ("--fsdp",), "flag",
+     "shard the model over torchrun processes (FSDP2, one unit per encoder layer)"),
+    ("resume", ("--resume",), "flag", "continue the run in OUT from its last checkpoint"),
+    ("quiet", ("-q", "--quiet"), "flag", "no progress bar or summary"),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the whole model on labelled audio (single- or multi-label)",
+        description=(
+            "Fine-tune a BEATs checkpoint on DATA: a folder with one subfolder per class, or "
+            "a CSV path,label[,fold] (labels joined by ';' for multi-label) or "
+            "path,CLASS_1,...,CLASS_K[,fold] with 0/1 cells. Writes OUT/model (a fine-tuned "
+            "checkpoint with your class names: best validation step), OUT/model-last, "
+            "OUT/report.json, OUT/metrics.jsonl, OUT/config.json and OUT/state (for "
+            "--resume). Several processes: torchrun --nproc-per-node N -m beats finetune ... "
+            "Exit codes: 0 done, 2 bad input or setup, 3 a bug, 4 training diverged."
+        ),
+    )
+    build(p)
+
+
+def build(p: argparse.ArgumentParser) -> None:
+    """Add every ``beats finetune`` argument to ``p``."""
+    from ..train.finetune import FinetuneConfig
+
+    defaults = FinetuneConfig()
+    p.add_argument("data", nargs="?", help="class folder or CSV (optional with --config-file)")
+    p.add_argument("-o", "--output", type=output_folder, help="output folder (required)")
+    p.add_argument("-m", "--model", default=None,
+                   help="checkpoint to start from: registry name, hub repo, folder or .pt "
+                        "(default: the registry's default model)")
+    p.add_argument("--cv", action="store_true",
+                   help="first cross-validate over the CSV folds (each fold the test set once)")
+    p.add_argument("--config-file", help="repeat a run: an OUT/config.json (options given on "
+                                         "the command line override it)")
+    for name, flags, kind, text in OPTIONS:
+        default = getattr(defaults, name)
+        if kind == "flag":
+            p.add_argument(*flags, dest=name, action="store_true", help=text)
+        else:
+            p.add_argument(*flags, dest=name, type=kind, default=default,
+                           help=f"{text} (default: {default})")
+
+
+def _config_file_defaults(parser: argparse.ArgumentParser, argv_path: str) -> None:
+    record = json.loads(Path(argv_path).read_text())
+    if "config" not in record:
+        raise ValueError(f"{argv_path} is not a beats training config.json (no 'config')")
+    values = dict(record["config"])
+    values.pop("resume", None)
+    if isinstance(values.get("betas"), list):
+        values["betas"] = tuple(values["betas"])
+    values.update(data=record.get("data"), model=record.get("model"),
+                  output=record.get("output"))
+    parser.set_defaults(**{k: v for k, v in values.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.finetune import FinetuneConfig, finetune
+    from ..train.loop import TrainingError
+
+    if args.config_file:
+        # parse again with the file's values as defaults: the command line wins
+        argv = list(getattr(args, "argv", None) or sys.argv[1:])
+        parser = argparse.ArgumentParser(prog="beats finetune")
+        build(parser)
+        _config_file_defaults(parser, args.config_file)
+        args = parser.parse_args(argv[argv.index("finetune") + 1:])
+    if not args.data or not args.output:
+        raise ValueError("give DATA and -o OUT (or --config-file OUT/config.json)")
+    from dataclasses import fields
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    model = args.model or _default_model()
+    try:
+        result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
+    except TrainingError as e:  # other errors: one line from beats.cli (exit 2), or a bug
+        print(f"beats finetune: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    report = result.report
+    if not args.quiet:
+        for split in ("val", "test"):
+            if split in report:
+                r = report[split]
+                shown = ", ".join(f"{k} {r[k]:.3f}" for k in ("accuracy", "macro_f1", "mAP")
+                                  if k in r)
+                print(f"{split} ({r['clips']} clips): {shown}", file=sys.stderr)
+        if "cv" in report:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in report["cv"]["mean"].items())
+            print(f"cross-validation mean: {shown}", file=sys.stderr)
+        if report["failed_files"]:
+            print(f"{len(report['failed_files'])} file(s) could not be read and were skipped "
+                  f"(see {args.output}/failed.jsonl)", file=sys.stderr)
+        print(f"model saved to {Path(args.output) / 'model'} (best step {report['best_step']}"
+              f" of {report['steps']}, {report['training_seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _default_model() -> str:
+    from .extract import default_model_name
+
+    return default_model_name()
