@@ -18,6 +18,7 @@ from beats.train.data import Clip, ClipDataset, StepSampler, balanced_weights, c
 from beats.train.finetune import FinetuneConfig, FinetuneTask, prepare_model
 from beats.train.schedule import lr_factor, warmup_steps
 
+from .audio_files import needs_sox, sox_tone
 from .conftest import tiny_config
 
 
@@ -194,3 +195,27 @@ def test_layer_wise_lr_groups_and_frozen_layers():
     # frozen modules stay in eval mode while training
     task.train_mode()
     assert not task.model.encoder.layers[0].training and task.model.encoder.layers[1].training
+
+
+@needs_sox
+def test_file_clips_without_duration_are_cropped_on_whole_steps(tmp_path):
+    """Unscanned file clips get their header read when drawn; crops start on 160 ms steps
+    and report where they start, and the samples are the file's own at that offset."""
+    from beats.audio import load_audio
+
+    path = sox_tone(tmp_path / "sweep.wav", seconds=6.0, freq="200-4000")
+    whole, _ = load_audio(path)
+    ds = ClipDataset([Clip(path)], crop_seconds=2.0, seed=3, crop_step=2560)
+    offsets = set()
+    for position in range(12):
+        item = ds[(position, 0)]
+        assert item["error"] is None and len(item["wav"]) == 32000
+        assert item["offset"] % 2560 == 0 and 0 <= item["offset"] <= 64000
+        assert np.array_equal(item["wav"], whole[item["offset"] : item["offset"] + 32000])
+        offsets.add(item["offset"])
+    assert len(offsets) > 6  # the crops move
+    batch = collate_clips([ds[(0, 0)], ds[(1, 0)]])
+    assert batch["offset"].tolist() == [ds[(0, 0)]["offset"], ds[(1, 0)]["offset"]]
+    assert ClipDataset([Clip(path)], crop_seconds=2.0, seed=3)[(0, 0)]["offset"] % 2560 != 0
+    missing = ClipDataset([Clip(tmp_path / "gone.wav")], crop_seconds=2.0)[(0, 0)]
+    assert missing["error"] is not None and "no such file" in missing["error"]

@@ -86,22 +86,30 @@ class ClipDataset(Dataset):
     """Clips read (and cropped, augmented) on demand; indexed by a stream `Key`.
 
     Args:
-        clips: the examples (`scan` them first so that durations are known).
+        clips: the examples. A file clip without a duration has its header read when it is
+            first drawn (in the worker): millions of files need no scan before training.
         crop_seconds: training reads a random crop of this length from longer clips
             (None: whole clips). Evaluation (``train=False``) reads whole clips.
         seed: the run's seed (crops and augmentation follow from it).
         augment: ``augment(wav, rng) -> (wav, extras)`` for training items: the extras
             (numpy arrays of equal shape per item) are stacked into the batch.
         train: random crops and augmentation (False: whole clips, no augmentation).
+        crop_step: crop offsets are whole multiples of this many samples (at 16 kHz): 2560
+            aligns crops on BEATs' 160 ms time steps, so that stored per-step labels of
+            the whole file apply to the crop. None: any offset.
+
+    Each item records ``offset``, the crop's first sample in the clip (at 16 kHz).
     """
 
     def __init__(self, clips: Sequence[Clip], *, crop_seconds: float | None = None,
-                 seed: int = 0, augment: ItemAugment | None = None, train: bool = True) -> None:
+                 seed: int = 0, augment: ItemAugment | None = None, train: bool = True,
+                 crop_step: int | None = None) -> None:
         self.clips = list(clips)
         self.crop_seconds = crop_seconds
         self.seed = seed
         self.augment = augment
         self.train = train
+        self.crop_step = crop_step
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -113,7 +121,7 @@ class ClipDataset(Dataset):
         item: dict[str, Any] = {"index": index, "position": position, "target": clip.target,
                                 "source": clip.name, "error": None, "wav": None}
         try:
-            wav = self._read(clip, rng)
+            wav, item["offset"] = self._read(clip, rng)
         except (AudioError, OSError, ValueError, RuntimeError) as e:
             item["error"] = str(e)
             return item
@@ -123,12 +131,19 @@ class ClipDataset(Dataset):
         item["wav"] = wav
         return item
 
-    def _read(self, clip: Clip, rng: np.random.Generator) -> np.ndarray:
+    def _read(self, clip: Clip, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """(samples, offset of the crop in samples at 16 kHz)."""
         crop = self.crop_seconds if self.train else None
-        duration = clip.duration or 0.0
-        offset = 0.0
+        duration = clip.duration
+        if duration is None:
+            duration = (audio_info(clip.source).duration
+                        if isinstance(clip.source, (str, Path)) else len(clip.source) / SAMPLE_RATE)
+        start = 0
         if crop is not None and duration > crop:
-            offset = float(rng.uniform(0.0, duration - crop))
+            room = int((duration - crop) * SAMPLE_RATE)  # last possible first sample
+            step = self.crop_step or 1
+            start = int(rng.integers(0, room // step + 1)) * step
+        offset = start / SAMPLE_RATE
         if isinstance(clip.source, (str, Path)):
             wav, _ = load_audio(clip.source, offset=offset,
                                 duration=crop if crop is not None and duration > crop else None)
@@ -140,18 +155,18 @@ class ClipDataset(Dataset):
             if wav.ndim != 1:
                 raise ValueError(f"clip arrays must be 1-D 16 kHz samples, got {wav.shape}")
             if crop is not None and duration > crop:
-                start = round(offset * SAMPLE_RATE)
                 wav = wav[start : start + round(crop * SAMPLE_RATE)]
         if not np.isfinite(wav).all():
             raise ValueError(f"{clip.name}: the audio holds NaN or Inf samples")
-        return pad_to_minimum(np.ascontiguousarray(wav, dtype=np.float32))
+        return pad_to_minimum(np.ascontiguousarray(wav, dtype=np.float32)), start
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Items -> a batch.
 
     Returns ``wav`` (B, N) float32 zero-padded, ``lengths`` (B,) int64, ``targets`` (list),
-    ``index`` (B,) int64, any augmentation extras stacked (B, ...), ``count`` (B: clips,
+    ``index`` (B,) int64, ``offset`` (B,) int64 (each crop's first sample in its clip),
+    any augmentation extras stacked (B, ...), ``count`` (B: clips,
     the loss terms of a classification batch), ``seconds`` (audio seconds in the batch),
     and ``failed`` [(source, error)] for the items that could not be read.
     """
@@ -167,7 +182,8 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     for i, it in enumerate(good):
         wav[i, : len(it["wav"])] = torch.from_numpy(it["wav"])
     batch.update(wav=wav, lengths=lengths, seconds=float(lengths.sum()) / SAMPLE_RATE)
-    reserved = {"wav", "target", "index", "position", "source", "error"}
+    batch["offset"] = torch.tensor([it["offset"] for it in good], dtype=torch.long)
+    reserved = {"wav", "target", "index", "position", "source", "error", "offset"}
     for name in (good[0].keys() - reserved) if good else ():
         batch[name] = torch.from_numpy(np.stack([it[name] for it in good]))
     return batch
