@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from .arguments import (
     non_negative_float,
@@ -15,27 +13,26 @@ from .arguments import (
     positive_float,
     positive_int,
 )
+from .training import (
+    LENGTH,
+    OPTIMISER,
+    RUN,
+    Option,
+    add_config_file,
+    add_options,
+    config_from_args,
+    reparse_with_config_file,
+)
 
 EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
 
 
 # (config field, flags, type, help). Defaults come from FinetuneConfig; --help shows them.
-OPTIONS: list[tuple[str, tuple[str, ...], Any, str]] = [
+OPTIONS: list[Option] = [
     ("epochs", ("--epochs",), positive_int, "passes over the training clips"),
     ("steps", ("--steps",), positive_int, "optimiser steps (overrides --epochs)"),
-    ("batch_size", ("--batch-size",), positive_int, "clips per optimiser step, all processes"),
-    ("batch_seconds", ("--batch-seconds",), positive_float,
-     "audio seconds per step instead: clips = round(this / --crop-seconds)"),
-    ("micro_batch", ("--micro-batch",), positive_int,
-     "clips per forward pass per process (gradient accumulation; default: the whole share)"),
-    ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
-    ("schedule", ("--schedule",), str, "after warm-up: cosine, linear (to 0) or constant"),
-    ("warmup_steps", ("--warmup-steps",), non_negative_int,
-     "linear warm-up steps (0: --warmup-ratio of all steps)"),
-    ("warmup_ratio", ("--warmup-ratio",), non_negative_float, "warm-up as a share of all steps"),
-    ("weight_decay", ("--weight-decay",), non_negative_float,
-     "AdamW weight decay (not on biases/norms)"),
-    ("clip_norm", ("--clip-norm",), non_negative_float, "gradient-norm clip (0: off)"),
+    *[o for o in LENGTH if o[0] != "steps"],
+    *OPTIMISER,
     ("layer_lr_decay", ("--layer-lr-decay",), positive_float,
      "layer-wise learning-rate decay: layer L-1-i gets lr * decay^(i+1) (1: off); the "
      "effective form under Adam"),
@@ -73,17 +70,7 @@ OPTIONS: list[tuple[str, tuple[str, ...], Any, str]] = [
     ("eval_every", ("--eval-every",), non_negative_int,
      "steps between validations (0: each epoch)"),
     ("eval_batch", ("--eval-batch",), positive_int, "clips per forward pass in evaluation"),
-    ("log_every", ("--log-every",), positive_int, "steps between metrics.jsonl lines"),
-    ("save_every", ("--save-every",), positive_int, "steps between training-state checkpoints"),
-    ("dtype", ("--dtype",), str, "autocast dtype: float32, bfloat16 or float16 (loss scaling)"),
-    ("device", ("--device",), str, "auto (cuda, mps, cpu), cpu, cuda, cuda:1, ..."),
-    ("seed", ("--seed",), non_negative_int, "seed of data order, crops, augmentation, head init"),
-    ("num_workers", ("-j", "--workers"), non_negative_int,
-     "processes reading audio (0: in the main process)"),
-    ("fsdp", ("--fsdp",), "flag",
-     "shard the model over torchrun processes (FSDP2, one unit per encoder layer)"),
-    ("resume", ("--resume",), "flag", "continue the run in OUT from its last checkpoint"),
-    ("quiet", ("-q", "--quiet"), "flag", "no progress bar or summary"),
+    *RUN,
 ]
 
 
@@ -116,47 +103,20 @@ def build(p: argparse.ArgumentParser) -> None:
                         "(default: the registry's default model)")
     p.add_argument("--cv", action="store_true",
                    help="first cross-validate over the CSV folds (each fold the test set once)")
-    p.add_argument("--config-file", help="repeat a run: an OUT/config.json (options given on "
-                                         "the command line override it)")
-    for name, flags, kind, text in OPTIONS:
-        default = getattr(defaults, name)
-        if kind == "flag":
-            p.add_argument(*flags, dest=name, action="store_true", help=text)
-        else:
-            p.add_argument(*flags, dest=name, type=kind, default=default,
-                           help=f"{text} (default: {default})")
-
-
-def _config_file_defaults(parser: argparse.ArgumentParser, argv_path: str) -> None:
-    record = json.loads(Path(argv_path).read_text())
-    if "config" not in record:
-        raise ValueError(f"{argv_path} is not a beats training config.json (no 'config')")
-    values = dict(record["config"])
-    values.pop("resume", None)
-    if isinstance(values.get("betas"), list):
-        values["betas"] = tuple(values["betas"])
-    values.update(data=record.get("data"), model=record.get("model"),
-                  output=record.get("output"))
-    parser.set_defaults(**{k: v for k, v in values.items() if v is not None})
+    add_config_file(p)
+    add_options(p, OPTIONS, defaults)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
     from ..train.loop import TrainingError
 
-    if args.config_file:
-        # parse again with the file's values as defaults: the command line wins
-        argv = list(getattr(args, "argv", None) or sys.argv[1:])
-        parser = argparse.ArgumentParser(prog="beats finetune")
-        build(parser)
-        _config_file_defaults(parser, args.config_file)
-        args = parser.parse_args(argv[argv.index("finetune") + 1:])
+    args = reparse_with_config_file(args, "finetune", build, lambda record: {
+        "data": record.get("data"), "model": record.get("model"),
+        "output": record.get("output")})
     if not args.data or not args.output:
         raise ValueError("give DATA and -o OUT (or --config-file OUT/config.json)")
-    from dataclasses import fields
-
-    names = {f.name for f in fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = config_from_args(FinetuneConfig, args)
     model = args.model or _default_model()
     try:
         result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
