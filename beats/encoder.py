@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, Workspace
 from .config import BEATsConfig
 from .modules import (
     GLULinear,
@@ -57,16 +57,16 @@ class EncoderLayer(nn.Module):
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         position_bias: torch.Tensor | None = None,
-        mask_buffer: torch.Tensor | None = None,
+        workspace: Workspace | None = None,
     ) -> torch.Tensor:
         """x (B, S, C); key_padding_mask (B, S) True at padding; position_bias (H, S, S)
-        shared or (B, H, S, S) per clip."""
+        shared or (B, H, S, S) per clip; workspace: see `Workspace` (outside autograd)."""
         if self.layer_norm_first:
             x = x + self.dropout1(self.self_attn(
-                self.self_attn_layer_norm(x), key_padding_mask, position_bias, mask_buffer
+                self.self_attn_layer_norm(x), key_padding_mask, position_bias, workspace
             ))
             return x + self._feed_forward(self.final_layer_norm(x))
-        attn = self.self_attn(x, key_padding_mask, position_bias, mask_buffer)
+        attn = self.self_attn(x, key_padding_mask, position_bias, workspace)
         # torch.add(y, x, alpha=a) is y + a * x in one pass.
         x = self.self_attn_layer_norm(torch.add(self.dropout1(attn), x, alpha=self.alpha))
         return self.final_layer_norm(torch.add(self._feed_forward(x), x, alpha=self.alpha))
@@ -137,24 +137,22 @@ class TransformerEncoder(nn.Module):
 
         stop = len(self.layers) if output_layer is None else output_layer
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
-        position_bias = mask_buffer = None
+        position_bias = None
         if self.relative_position_embedding and stop > 0:
             attn = self.layers[0].self_attn
             if positions is None:
                 position_bias = attn.position_bias(x.shape[1], x.device)
             else:
                 position_bias = attn.position_bias_at(positions)
-            if not torch.is_grad_enabled() and not is_tracing():
-                # One (B, H, S, S) buffer for every layer's gated mask: a fresh allocation
-                # of this size per layer costs more than writing it (page faults on CPU).
-                batch, length = x.shape[:2]
-                mask_buffer = x.new_empty(batch, attn.num_heads, length, length)
+        # Scratch memory (attention masks and scores) shared by the layers, in eager
+        # inference only: autograd needs its tensors kept, a captured graph plans its own.
+        workspace = Workspace() if not torch.is_grad_enabled() and not is_tracing() else None
         for layer in self.layers[:stop]:
             if self.grad_decay != 1.0 and torch.is_grad_enabled():
                 x = GradMultiply.apply(x, self.grad_decay)
             skip = self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop
             if not skip:
-                x = layer(x, padding_mask, position_bias, mask_buffer)
+                x = layer(x, padding_mask, position_bias, workspace)
             if output_hidden_states:
                 hidden.append(x)
         if self.layer_norm_first and output_layer is None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from beats import GradMultiply, quant_noise
-from beats.attention import MultiheadAttention, relative_position_buckets
+from beats.attention import MultiheadAttention, Workspace, relative_position_buckets
 from beats.modules import GLULinear, SamePad, WeightNormConv1d, get_activation_fn
 
 
@@ -203,10 +205,11 @@ def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
     bias = attn.position_bias(40, x.device)
     with torch.enable_grad():
         with_grad = attn(x, mask, bias)
-    buffer = torch.full((2, 4, 40, 40), float("nan"))
+    workspace = Workspace()
+    buffer = workspace.get("mask", (2, 4, 40, 40), x).fill_(float("nan"))
     with torch.no_grad():
         plain = attn(x, mask, bias)
-        buffered = attn(x, mask, bias, buffer)
+        buffered = attn(x, mask, bias, workspace)
     assert torch.equal(plain, buffered)
     # Autograd may pick another SDPA kernel: equal to float noise (outputs are ~3).
     assert (with_grad - buffered).abs().max() < 1e-5
@@ -228,3 +231,100 @@ def test_fused_projection_gradients_equal_the_original_computation():
         grads.append({n: p.grad.clone() for n, p in attn.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-4, rtol=1e-4), name
+
+
+def test_bfloat16_gelu_is_the_float32_gelu_rounded_once():
+    """Every normal bfloat16 number: the bfloat16 GELU equals float32 GELU rounded once."""
+    bits = torch.arange(2**16, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    wide = x.float()
+    x, wide = x[wide.isfinite()], wide[wide.isfinite()]
+    gelu = get_activation_fn("gelu")
+    expected = F.gelu(wide).to(torch.bfloat16)
+    got = gelu(x)
+    assert got.dtype == torch.bfloat16
+    # Inputs below 2.4e-38 give results below the smallest normal float: flushed to zero.
+    keep = (wide == 0) | (wide.abs() >= 2.4e-38)
+    assert keep.sum() > 64000  # of 65280 finite values
+    assert torch.equal(got[keep].view(torch.int16), expected[keep].view(torch.int16))
+
+
+def _attention_by_hand(attn, x, key_padding_mask, position_bias):
+    """softmax(q k^T / sqrt(d) + G P) v in float64 from the spec's formulas (no SDPA)."""
+    a = attn.double()
+    x = x.double()
+    batch, length, dim = x.shape
+    heads, d = a.num_heads, a.head_dim
+
+    def split(t):
+        return t.view(batch, length, heads, d).transpose(1, 2)
+
+    q, k, v = split(a.q_proj(x)), split(a.k_proj(x)), split(a.v_proj(x))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    bias = position_bias.double()
+    if a.gru_rel_pos:
+        logits = a.grep_linear(q).view(batch, heads, length, 2, 4).sum(-1)
+        gate_a, gate_b = torch.sigmoid(logits).chunk(2, dim=-1)
+        bias = (gate_a * (gate_b * a.grep_a - 1.0) + 2.0) * bias
+    scores = scores + bias
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, dim)
+    return a.out_proj(out)
+
+
+@pytest.mark.parametrize("gru", [True, False])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("per_clip_bias", [True, False])
+def test_bfloat16_attention_outside_autograd_matches_the_formula(gru, padded, per_clip_bias):
+    """bfloat16 on CPU with a workspace (the clip-by-clip path): the spec's attention to
+    bfloat16 rounding, as close as SDPA's bfloat16 kernel gets."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=gru).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(3, 40, 32)
+    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27, 9])[:, None] if padded else None
+    if per_clip_bias:  # kept patches at scattered true positions (pre-training)
+        positions = torch.stack([torch.randperm(100)[:40].sort().values for _ in range(3)])
+        bias = attn.position_bias_at(positions)
+    else:
+        bias = attn.position_bias(40, x.device)
+    with torch.no_grad():
+        expected = _attention_by_hand(copy.deepcopy(attn), x, mask, bias)
+        half = attn.to(torch.bfloat16)
+        xb, bias_b = x.to(torch.bfloat16), bias.to(torch.bfloat16)
+        workspace = Workspace()
+        by_clip = half(xb, mask, bias_b, workspace)
+        assert "scores" in workspace._tensors  # the clip-by-clip path ran
+        sdpa = half(xb, mask, bias_b)
+    assert by_clip.dtype == torch.bfloat16 and by_clip.shape == x.shape
+    err = (by_clip.double() - expected).abs().max().item()
+    sdpa_err = (sdpa.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err < 0.02 * scale
+    assert err < 5.0 * sdpa_err + 1e-3 * scale
+    cosine = F.cosine_similarity(by_clip.double(), expected, dim=-1).min().item()
+    sdpa_cosine = F.cosine_similarity(sdpa.double(), expected, dim=-1).min().item()
+    # One more bfloat16 rounding (of the scores, which SDPA keeps in float32): within a
+    # few times SDPA's own distance on these deliberately sharp weights.
+    assert 1 - cosine < 5.0 * (1 - sdpa_cosine) + 1e-4
+
+
+def test_bfloat16_attention_with_an_all_padding_clip_falls_back_to_sdpa():
+    """A clip whose keys are all padding has no softmax (0/0): the batch runs through SDPA."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=True).eval().to(torch.bfloat16)
+    x = torch.randn(2, 20, 32, dtype=torch.bfloat16)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[1] = True
+    bias = attn.position_bias(20, x.device)
+    with torch.no_grad():
+        workspace = Workspace()
+        out = attn(x, mask, bias, workspace)
+        assert "scores" not in workspace._tensors
+        assert torch.equal(out, attn(x, mask, bias))
+    assert out[0].isfinite().all()
