@@ -183,8 +183,11 @@ class VectorQuantizer(nn.Module):
         return counts
 
     def discard_pending(self) -> None:
-        """Forget recorded statistics without applying them (e.g. after a skipped step)."""
+        """Forget what was recorded since the last update without applying it: after a
+        skipped step, or before a step (so that `restart_codes` draws from that step's
+        vectors only, whatever happened before: a resumed run then restarts the same)."""
         self._pending = None
+        self._recent = None
 
     @torch.no_grad()
     def restart_codes(self, dead: torch.Tensor, seed: int) -> int:

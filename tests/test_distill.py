@@ -68,13 +68,14 @@ def _train(task: DistillTask, batch: dict, steps: int, lr: float = 5e-3) -> list
         [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=lr)
     denominator = float(valid_patches(batch["lengths"]).sum())
     health = []
-    for _ in range(steps):
+    for step in range(steps):
+        task.before_step(step, [dict(batch, count=int(denominator))])
         loss, metrics = task.forward_loss(batch, denominator)
-        assert torch.isfinite(loss) and metrics["count"] == denominator
+        assert torch.isfinite(loss) and float(metrics["cosine"][1]) == denominator
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        health.append(task.after_step())
+        health.append(task.after_step(step))
     return health
 
 
@@ -85,9 +86,9 @@ def test_valid_patches_counts_the_loss_terms(batch):
 
 def _learns(task: DistillTask, batch: dict) -> None:
     teacher_state = {k: v.clone() for k, v in task.teacher.state_dict().items()}
-    before = task.evaluate([batch])
+    before = task.measure([batch])
     _train(task, batch, steps=6)
-    after = task.evaluate([batch])
+    after = task.measure([batch])
     assert after["loss"] < 0.7 * before["loss"], (before, after)
     assert after["cosine"] > before["cosine"] + 0.3, (before, after)
     assert 0 < after["commitment"] < 0.2
@@ -104,9 +105,9 @@ def test_ssl_teacher_distillation_lowers_loss_and_raises_cosine(batch):
 
 def test_finetuned_teacher_targets_are_per_position_logits(batch):
     teacher = BEATs.from_pretrained(REFERENCE / "finetuned.pt")
-    features, _ = fbank(batch["wav"], batch["lengths"])
+    features, frames = fbank(batch["wav"], batch["lengths"])
     mask = patch_padding_mask(batch["lengths"], 8 * (features.shape[1] // 16))
-    target = teacher_targets(teacher, features, mask, "logits")
+    target = teacher_targets(teacher, features, frames, "logits")
     assert target.shape == (3, mask.shape[1], 5)
     keep = (~mask).unsqueeze(-1)
     pooled = (target * keep).sum(dim=1) / keep.sum(dim=1)  # BEATs pools its logits so
@@ -183,7 +184,7 @@ def test_codebook_moves_once_per_step_whatever_the_micro_batches(batch):
     for name, param in split.distiller.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6), name
-    assert split.after_step() == pytest.approx(whole.after_step())
+    assert split.after_step(1) == pytest.approx(whole.after_step(1))
     moved = split.distiller.quantizer.embedding.weight
     assert not torch.equal(moved, start)
     assert torch.allclose(moved, whole.distiller.quantizer.embedding.weight, atol=1e-6)
@@ -208,13 +209,13 @@ def test_dead_code_restart_revives_codes_only_when_on(batch):
         loss.backward()
         optimizer.step()
         before = distiller.quantizer.embedding.weight.clone()
-        health = off.after_step()
+        health = off.after_step(step)
         assert "codes_restarted" not in health
         unused = distiller.code_last_hit != step
         idle += int(unused.sum())
         assert torch.equal(distiller.quantizer.embedding.weight[unused], before[unused])
     assert idle > 0 and distiller.code_idle_steps.max() >= 2
-    assert on.evaluate([batch])["codebook_usage"] > off.evaluate([batch])["codebook_usage"]
+    assert on.measure([batch])["codebook_usage"] > off.measure([batch])["codebook_usage"]
 
 
 def test_parameter_groups_hold_every_trained_parameter_and_nothing_else():
@@ -233,7 +234,7 @@ def test_parameter_groups_hold_every_trained_parameter_and_nothing_else():
 def test_bad_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="target"):
         DistillConfig(target="clip")
-    with pytest.raises(ValueError, match="restart_after"):
+    with pytest.raises(ValueError, match="restart-after"):
         DistillConfig(restart_after=-1)
     with pytest.raises(ValueError, match="decay"):
         DistillConfig(decay=1.0)
