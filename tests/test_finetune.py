@@ -225,8 +225,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, sound_classes_dir, tiny
     killed_at = torch.load(last, weights_only=True)["loop"]["step"]
     assert 2 <= killed_at < 12, "the run must be killed mid-way"
 
+    stale = out / "state" / ".last.pt.0123456789ab.tmp"  # as a kill inside a save leaves it
+    stale.write_bytes(b"half a checkpoint")
     proc = finetune(*common, "-o", str(out), "-j", "1", "--resume")
     assert proc.returncode == 0, proc.stderr
+    assert not stale.exists()
     for name in ("model-last", "model"):
         a = load_file(whole / name / "model.safetensors")
         b = load_file(out / name / "model.safetensors")

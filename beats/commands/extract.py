@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..devices import pick_device
 from ..extract import ExtractOptions, Summary
 from ..pooling import FREQ_POOLING, TIME_POOLING, PoolingSpec, parse_layers
 from .arguments import (
@@ -114,17 +115,6 @@ def report(command: str, summary: Summary, quiet: bool) -> int:
             print(f"  ... and {len(summary.failures) - 20} more (see manifest.jsonl)",
                   file=sys.stderr)
     return summary.exit_code
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA (this process's LOCAL_RANK under torchrun), else MPS, else CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,8 +68,9 @@ def _pooling(kind: str, layer: str) -> PoolingSpec:
 
 
 def _load_backbone(name: str | None, device: str):
+    from ..devices import pick_device
     from ..model import BEATs
-    from .extract import default_model_name, pick_device
+    from .extract import default_model_name
 
     name = name or default_model_name()
     return BEATs.from_pretrained(name, device=pick_device(device)), name

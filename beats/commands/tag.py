@@ -28,10 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import AudioError, load_audio
+    from ..devices import pick_device
     from ..files import discover_inputs
     from ..inputs import pad_to_minimum
     from ..model import BEATs
-    from .extract import pick_device
 
     model = BEATs.from_pretrained(args.model, device=pick_device(args.device))
     if model.predictor is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .extract import DTYPES, add_run_arguments, interrupted, pick_device, report, run_options
+from ..devices import pick_device
+from .extract import DTYPES, add_run_arguments, interrupted, report, run_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -81,7 +81,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
-from ..files import FolderBusyError, atomic_write, folder_lock
+from ..files import FolderBusyError, atomic_write, folder_lock, remove_stale_temporaries
 from ..workers import worker_init
 from . import distributed, logs, state
 from .config import TrainConfig
@@ -203,6 +203,7 @@ def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
             stack.enter_context(folder_lock(out_dir, f"beats {task.name}"))
             check_output_folder(out_dir, cfg.resume)
             _check_resume_config(out_dir, cfg)
+            remove_stale_temporaries(out_dir)  # a killed run's half-written files
             record = {"beats_version": __version__, "command": sys.argv, "task": task.name,
                       "world_size": d.world, "config": cfg.to_dict(), **task.run_info()}
             with atomic_write(out_dir / CONFIG_FILE, "w") as f:
