@@ -1,7 +1,7 @@
 """Codebook health of tokenizer distillation: does restarting dead codes help?
 
     python -m benchmarks.corpus CORPUS                    # 12 minutes of real audio, ~15 s
-    python benchmarks/distill_codebook.py CORPUS [--teacher MODEL] [--steps 300]
+    python benchmarks/distill_codebook.py CORPUS [--teacher MODEL] [--steps 300] [--clips 8]
 
 Distils the same tiny student (``tiny`` preset, 1024 codes of 256 as the paper) from the
 same teacher on ``CORPUS/train`` twice, restarts of codes unused for ``--restart-after``
@@ -13,7 +13,9 @@ this audio rather than a random network's.
 
 Printed per run: training cosine, codes hit per step (``codebook_usage``), codes hit in
 the last 50 steps, perplexity of a step's codes (all from the last log window), codes
-restarted, and on the held-out clips at the end: cosine, distinct codes and perplexity.
+restarted, and on the held-out clips at the end: cosine, distinct codes and perplexity;
+before them the held-out cosine of the best constant prediction (the teacher's mean
+output), below which a cosine means nothing.
 With the CPU and its load average: other jobs share the cores.
 """
 
@@ -36,7 +38,7 @@ from beats.train.distill import DistillConfig, distill
 from beats.train.masking import mask_patches, num_patches, pad_masks
 from beats.train.random_tokenizer import random_tokenizer
 from beats.train.ssl import BEATsForPretraining, SSLConfig, summarize_metrics
-from beats.train.unlabelled import find_audio
+from beats.train.unlabelled import find_audio, heldout_batches, heldout_dataset
 from benchmarks.pretrain_bench import cpu_description, load_average
 
 
@@ -73,11 +75,27 @@ def pretrain_teacher(corpus: Path, out: Path, steps: int, seed: int) -> Path:
     return model.export(out)
 
 
+@torch.no_grad()
+def constant_baseline(teacher: BEATs, corpus: Path) -> float:
+    """Held-out cosine of the best constant prediction: the teacher's mean unit output over
+    the valid patches of the held-out crops (the runs' fixed 4 s crops), against each patch.
+    A distilled cosine means something only above it."""
+    data = heldout_dataset(find_audio([corpus / "heldout"]), DistillConfig(crop_seconds=4.0))
+    units = []
+    for keys in heldout_batches(len(data), 8):
+        batch = collate_clips([data[k] for k in keys])
+        features, frames = filterbank(batch["wav"], batch["lengths"], teacher.cfg)
+        out = teacher.forward_fbank(features, frames)
+        units.append(torch.nn.functional.normalize(out.features[~out.padding_mask], dim=-1))
+    u = torch.cat(units)  # (M, C) unit targets
+    return float((u @ torch.nn.functional.normalize(u.mean(dim=0), dim=0)).mean())
+
+
 def run(corpus: Path, teacher: Path, out: Path, args: argparse.Namespace, restart: int
         ) -> dict[str, float]:
     student = out / "student.json"
     student.write_text(json.dumps({"preset": "tiny", "quant_n": args.codes}))
-    cfg = DistillConfig(steps=args.steps, batch_size=8, crop_seconds=4.0, lr=args.lr,
+    cfg = DistillConfig(steps=args.steps, batch_size=args.clips, crop_seconds=4.0, lr=args.lr,
                         warmup_ratio=0.08, student=str(student), restart_after=restart,
                         usage_window=50, seed=args.seed, num_workers=1, log_every=10,
                         eval_every=args.steps // 3, quiet=True)
@@ -108,6 +126,7 @@ def main() -> None:
     p.add_argument("--teacher", help="a BEATs checkpoint (default: pre-train a tiny one here)")
     p.add_argument("--teacher-steps", type=int, default=300)
     p.add_argument("--steps", type=int, default=300, help="distillation steps per run")
+    p.add_argument("--clips", type=int, default=8, help="4 s crops per distillation step")
     p.add_argument("--codes", type=int, default=1024)
     p.add_argument("--restart-after", type=int, default=20)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -122,13 +141,17 @@ def main() -> None:
         if not (teacher / "config.json").exists():
             print(f"pre-training a tiny SSL teacher ({args.teacher_steps} steps)", flush=True)
             pretrain_teacher(args.corpus, teacher, args.teacher_steps, args.seed)
-    print(f"teacher: {teacher} ({type(BEATs.from_pretrained(teacher)).__name__})")
+    model = BEATs.from_pretrained(teacher).eval()
+    baseline = constant_baseline(model, args.corpus)
+    print(f"teacher: {teacher} ({type(model).__name__}); held-out cosine of its mean output "
+          f"(the best constant prediction): {baseline:.3f}", flush=True)
     rows = []
     for restart in (0, args.restart_after):
         print(f"distilling, restart-after {restart} ...", flush=True)
         rows.append(run(args.corpus, Path(teacher), args.out, args, restart))
     print(f"load after: {load_average()}")
-    print(f"\n{args.steps} steps of 8 x 4 s, {args.codes} codes, lr {args.lr}; last log window "
+    print(f"\n{args.steps} steps of {args.clips} x 4 s, {args.codes} codes, lr {args.lr}; "
+          "last log window "
           "(10 steps) and held-out clips at the end:\n")
     print("| restart after | train cosine | codes per step | codes in last 50 steps | "
           "perplexity | codes restarted | held-out cosine | held-out codes | "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from beats import BEATsTokenizer
 from beats.audio import load_audio
+from beats.cli import main
 
 from .conftest import REFERENCE
 from .test_extract import ROOT, _free_port, beats_cli
@@ -29,8 +31,22 @@ RUN = ["--steps", "8", "--save-every", "2", "--batch-size", "4", "--crop", "1", 
        "--restart-after", "2", "--log-every", "2", "-q", "-j", "1"]
 
 
+# One torch thread per run: these tiny models gain nothing from two, and two threads
+# spinning on a machine that other jobs load made the runs several times slower.
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def distill(*args: str) -> subprocess.CompletedProcess:
-    return beats_cli("distill", *args)
+    return subprocess.run([sys.executable, "-m", "beats", "distill", *args],
+                          capture_output=True, text=True, env=ENV)
+
+
+def distill_here(capsys, *args: str) -> tuple[int, str]:
+    """``beats distill ARGS`` through `beats.cli.main` in this process (no interpreter start:
+    for runs that stop before training): (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(["distill", *args])
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +134,7 @@ def test_resume_after_sigkill_is_bit_identical(whole, sound_classes_dir, tiny_ch
     out = tmp_path / "killed"
     args = [str(sound_classes_dir), "-o", str(out), "--teacher", str(tiny_checkpoint),
             "--config", str(student["tiny"]), *RUN]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.Popen([sys.executable, "-m", "beats", "distill", *args], env=env,
+    run = subprocess.Popen([sys.executable, "-m", "beats", "distill", *args], env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "state" / "last.pt"
     deadline = time.monotonic() + 300
@@ -146,11 +161,10 @@ def test_resume_after_sigkill_is_bit_identical(whole, sound_classes_dir, tiny_ch
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
          "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "-m", "beats", "distill", *args], capture_output=True, text=True, env=env, timeout=600)
+         "-m", "beats", "distill", *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
 @pytest.mark.slow
@@ -183,7 +197,7 @@ def test_two_processes_equal_one(sound_classes_dir, tiny_checkpoint, student, tm
 
 
 def test_finetuned_teacher_logits_held_out_scores_and_config_file(
-        tmp_path, sound_classes_dir, tiny_checkpoint, student):
+        tmp_path, sound_classes_dir, tiny_checkpoint, student, capsys):
     """The fine-tuned teacher's per-position logits (5 classes) as targets, held-out
     numbers and the best tokenizer; then the same folder refuses an SSL teacher."""
     out = tmp_path / "logits"
@@ -203,12 +217,10 @@ def test_finetuned_teacher_logits_held_out_scores_and_config_file(
     assert (out / "tokenizer-best" / "model.safetensors").is_file()
     assert BEATsTokenizer.from_pretrained(out / "tokenizer").cfg.quant_n == CODES
 
-    proc = distill(*audio, "-o", str(out), "--teacher", str(tiny_checkpoint), "--config",
-                   str(student["tiny"]), "--steps", "2", "--batch-size", "2", "--crop", "1",
-                   "--lr", "1e-3", "--heldout", str(sound_classes_dir / "tonal"),
-                   "--eval-every", "1", "--eval-batch", "8", "-q", "-j", "0", "--resume")
-    assert proc.returncode == 2 and "does not fit this teacher" in proc.stderr
-    assert proc.stderr.count("\n") == 1
+    code, err = distill_here(capsys, *audio, "-o", str(out), "--teacher", str(tiny_checkpoint),
+                             "--config", str(student["tiny"]), "--steps", "2", "--batch-size",
+                             "2", "--crop", "1", "-q", "-j", "0", "--resume")
+    assert code == 2 and "does not fit this teacher" in err and err.count("\n") == 1, err
 
     again = tmp_path / "again"  # --config-file repeats the run; the command line wins
     proc = distill("--config-file", str(out / "config.json"), "-o", str(again), "--steps", "1")
@@ -219,7 +231,7 @@ def test_finetuned_teacher_logits_held_out_scores_and_config_file(
 
 
 def test_bad_input_errors_before_training(whole, tmp_path, sound_classes_dir, tiny_checkpoint,
-                                          student):
+                                          student, capsys):
     fast = ["--steps", "1", "--batch-size", "2", "--crop", "1", "-q", "-j", "0", "--config",
             str(student["tiny"])]
     audio = str(sound_classes_dir / "noise")
@@ -234,10 +246,14 @@ def test_bad_input_errors_before_training(whole, tmp_path, sound_classes_dir, ti
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"o{i}"
-        proc = distill(*args, *(["-o", str(out)] if "-o" not in args else []), *fast)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
-        assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+        code, err = distill_here(capsys, *args, *(["-o", str(out)] if "-o" not in args else []),
+                                 *fast)
+        assert code == 2 and message in err, (args, err)
+        assert err.count("\n") == 1 and err.startswith("beats distill: error: "), err
         assert not (out / "state").exists() and not (out / "config.json").exists()
+    proc = distill(*cases[0][0], "-o", str(tmp_path / "o0"), *fast)  # the same, as a program
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("beats distill: error: ") and cases[0][1] in proc.stderr
 
     from beats.train.distill import DistillConfig
     from beats.train.distill import distill as api
@@ -257,13 +273,23 @@ def test_bad_input_errors_before_training(whole, tmp_path, sound_classes_dir, ti
         assert not out.exists()
 
 
-def test_help_documents_every_option_and_the_target():
-    proc = distill("--help")
-    assert proc.returncode == 0
-    text = " ".join(proc.stdout.split())
+def test_help_documents_every_option_and_the_target(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["distill", "--help"])
+    assert exit.value.code == 0
+    raw = capsys.readouterr().out
+    text = " ".join(raw.split())
     from beats.commands.distill import OPTIONS
 
     for _, flags, _kind, _ in OPTIONS:
         assert flags[-1] in text, flags
-    assert text.count("(default: ") >= sum(kind != "flag" for *_, kind, _ in OPTIONS)
+    # every option's entry states its default, but the switches (off unless given)
+    entries = re.split(r"\n  (?=-)", raw.split("\noptions:\n", 1)[1])
+    switches = {"-h, --help", "--fsdp", "--resume", "-q, --quiet"}
+    assert len(entries) == len(OPTIONS) + 5  # -h, --heldout, -o, --teacher, --config-file
+    for entry in entries:
+        flag = entry.strip().split("  ")[0].strip()
+        states = re.search(r"\(default: |no default\)", " ".join(entry.split()))
+        assert (flag in switches) == (states is None), entry
+    assert "(default: None)" not in text
     assert "last-layer output" in text and "class logits per patch" in text

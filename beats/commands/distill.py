@@ -92,10 +92,11 @@ def build(p: argparse.ArgumentParser) -> None:
 
     defaults = DistillConfig()
     add_audio_arguments(p)
-    p.add_argument("-o", "--output", type=output_folder, help="output folder (required)")
+    p.add_argument("-o", "--output", type=output_folder,
+                   help="output folder (required; no default)")
     p.add_argument("--teacher", default=None,
                    help="the teacher: a BEATs checkpoint (registry name, hub repo, folder or "
-                        ".pt), SSL or fine-tuned; not a tokenizer (required)")
+                        ".pt), SSL or fine-tuned; not a tokenizer (required; no default)")
     add_config_file(p)
     add_options(p, OPTIONS, defaults)
 

@@ -23,12 +23,15 @@ C = TypeVar("C")
 
 # The loop's own settings (`TrainConfig`), in the order --help lists them.
 LENGTH: list[Option] = [
-    ("steps", ("--steps",), positive_int, "optimiser steps"),
+    ("steps", ("--steps",), positive_int,
+     "optimiser steps (default: as many as --epochs passes take)"),
     ("batch_size", ("--batch-size",), positive_int, "clips per optimiser step, all processes"),
     ("batch_seconds", ("--batch-seconds",), positive_float,
-     "audio seconds per step instead: clips = round(this / the crop length)"),
+     "audio seconds per step instead: clips = round(this / the crop length) (default: "
+     "unset, --batch-size counts)"),
     ("micro_batch", ("--micro-batch",), positive_int,
-     "clips per forward pass per process (gradient accumulation; default: the whole share)"),
+     "clips per forward pass per process, for gradient accumulation (default: the whole "
+     "share)"),
 ]
 OPTIMISER: list[Option] = [
     ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
@@ -57,19 +60,20 @@ RUN: list[Option] = [
 
 
 def add_options(p: argparse.ArgumentParser, options: Sequence[Option], defaults: Any) -> None:
-    """Add ``options`` to ``p``, each defaulting to the field of ``defaults`` (a config)."""
+    """Add ``options`` to ``p``, each defaulting to the field of ``defaults`` (a config);
+    its help ends with that default unless the text states it (as it must for None)."""
     for name, flags, kind, text in options:
         default = getattr(defaults, name)
         if kind == "flag":
             p.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
-            p.add_argument(*flags, dest=name, type=kind, default=default,
-                           help=f"{text} (default: {default})")
+            shown = text if "(default: " in text else f"{text} (default: {default})"
+            p.add_argument(*flags, dest=name, type=kind, default=default, help=shown)
 
 
 def add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", help="repeat a run: an OUT/config.json (options given on "
-                                         "the command line override it)")
+                                         "the command line override it) (default: none)")
 
 
 def reparse_with_config_file(
@@ -121,4 +125,4 @@ def add_audio_arguments(p: argparse.ArgumentParser) -> None:
                         "paths, as beats extract takes them (optional with --config-file)")
     p.add_argument("--heldout", action="append", default=None, metavar="AUDIO",
                    help="held-out audio (file, folder or list; repeatable) scored every "
-                        "--eval-every steps on fixed crops")
+                        "--eval-every steps on fixed crops (default: none)")
