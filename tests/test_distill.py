@@ -26,6 +26,17 @@ from .conftest import REFERENCE, padded_batch, tiny_config
 pytestmark = [needs_sox, needs_espeak]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: the tiny models gain nothing from more, and
+    threads spinning on a machine that other jobs load made these tests several times
+    slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> list[torch.Tensor]:
     """Three real clips at 16 kHz: two espeak-ng voices and a sox sweep (shorter)."""

@@ -283,9 +283,10 @@ def test_help_documents_every_option_and_the_target(capsys):
 
     for _, flags, _kind, _ in OPTIONS:
         assert flags[-1] in text, flags
-    # every option's entry states its default, but the switches (off unless given)
+    # every option's entry states its default, but the switches (off unless given) and
+    # --config-file (shared with beats finetune: a file to repeat a run, none unless given)
     entries = re.split(r"\n  (?=-)", raw.split("\noptions:\n", 1)[1])
-    switches = {"-h, --help", "--fsdp", "--resume", "-q, --quiet"}
+    switches = {"-h, --help", "--fsdp", "--resume", "-q, --quiet", "--config-file CONFIG_FILE"}
     assert len(entries) == len(OPTIONS) + 5  # -h, --heldout, -o, --teacher, --config-file
     for entry in entries:
         flag = entry.strip().split("  ")[0].strip()

@@ -73,7 +73,7 @@ def add_options(p: argparse.ArgumentParser, options: Sequence[Option], defaults:
 
 def add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", help="repeat a run: an OUT/config.json (options given on "
-                                         "the command line override it) (default: none)")
+                                         "the command line override it)")
 
 
 def reparse_with_config_file(
