@@ -16,7 +16,9 @@ the last 50 steps, perplexity of a step's codes (all from the last log window), 
 restarted, and on the held-out clips at the end: cosine, distinct codes and perplexity;
 before them the held-out cosine of the best constant prediction (the teacher's mean
 output), below which a cosine means nothing.
-With the CPU and its load average: other jobs share the cores.
+With the CPU and its load average: other jobs share the cores. On a machine that
+other jobs load, run it with ``OMP_NUM_THREADS=1`` (spinning torch threads made the
+tiny models here about ten times slower).
 """
 
 from __future__ import annotations
