@@ -114,8 +114,8 @@ class VectorQuantizer(nn.Module):
         self.embedding = Codebook(num_tokens, dim)
         self.register_buffer("cluster_size", torch.zeros(num_tokens))
         # Transient training state, never saved: the statistics recorded since the last
-        # update, (K, D + 1) vector sums and counts, and the last recorded unit vectors
-        # (M, D), the candidates for restarting unused codes.
+        # update, (K, D + 1) vector sums and counts, and the unit vectors recorded since
+        # the last update (M, D), the candidates for restarting unused codes.
         self._pending: torch.Tensor | None = None
         self._recent: torch.Tensor | None = None
 
@@ -156,8 +156,11 @@ class VectorQuantizer(nn.Module):
         """Add unit vectors (M, D) assigned to codes ``ids`` (M,) to the pending statistics."""
         rows = torch.cat([flat.float(), flat.new_ones(flat.shape[0], 1, dtype=torch.float32)], 1)
         stats = rows.new_zeros(self.num_tokens, self.dim + 1).index_add_(0, ids, rows)
-        self._pending = stats if self._pending is None else self._pending + stats
-        self._recent = flat
+        first = self._pending is None  # the first record since the last update
+        self._pending = stats if first else self._pending + stats
+        recent = flat.float()
+        self._recent = recent if first or self._recent is None else torch.cat([self._recent,
+                                                                                recent])
 
     @torch.no_grad()
     def update(self) -> torch.Tensor:
@@ -183,33 +186,31 @@ class VectorQuantizer(nn.Module):
         return counts
 
     def discard_pending(self) -> None:
-        """Forget recorded statistics without applying them (e.g. after a skipped step)."""
+        """Forget what was recorded since the last update without applying it: after a
+        skipped step, or before a step (so that `restart_codes` draws from that step's
+        vectors only, whatever happened before: a resumed run then restarts the same)."""
         self._pending = None
+        self._recent = None
 
     @torch.no_grad()
     def restart_codes(self, dead: torch.Tensor, seed: int) -> int:
-        """Set the codes where ``dead`` (K,) bool to vectors of the last recorded batch.
+        """Set the codes where ``dead`` (K,) bool to vectors recorded since the last update
+        (those of the last step, call it right after `update`).
 
-        Each rank offers as many of its last recorded vectors as there are dead codes
-        (drawn with a generator seeded from ``(seed, rank)``); the offers are gathered in
-        rank order and the new codes drawn from them with a generator seeded from ``seed``,
-        so every rank sets the same codes. Every rank must call it with the same ``dead``
-        and ``seed``. Returns the number of codes restarted (0 without recorded vectors).
+        Every rank's recorded vectors are gathered in rank order and the new codes drawn
+        from them with a generator seeded from ``seed``: every rank sets the same codes,
+        the same ones that one process recording all the vectors would set. Every rank
+        must call it with the same ``dead`` and ``seed``. Returns the number of codes
+        restarted (0 without recorded vectors).
         """
         n = int(dead.sum())
         if n == 0:
             return 0
-        rank = _world()[0]
         weight = self.embedding.weight
-        offer = torch.zeros(n, self.dim + 1, device=weight.device)
         recent = self._recent
-        if recent is not None and recent.shape[0] > 0:
-            local = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-            pick = _draw(recent.shape[0], n, local).to(recent.device)
-            offer[:, : self.dim] = recent[pick].float()
-            offer[:, self.dim] = 1.0
-        pool = _gather_rows(offer)
-        pool = pool[pool[:, self.dim] > 0, : self.dim]
+        if recent is None:
+            recent = torch.zeros(0, self.dim, device=weight.device)
+        pool = _gather_rows(recent.float())
         if pool.shape[0] == 0:
             return 0
         chosen = pool[_draw(pool.shape[0], n, torch.Generator().manual_seed(seed)).to(pool.device)]

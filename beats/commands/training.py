@@ -23,12 +23,15 @@ C = TypeVar("C")
 
 # The loop's own settings (`TrainConfig`), in the order --help lists them.
 LENGTH: list[Option] = [
-    ("steps", ("--steps",), positive_int, "optimiser steps"),
+    ("steps", ("--steps",), positive_int,
+     "optimiser steps (default: as many as --epochs passes take)"),
     ("batch_size", ("--batch-size",), positive_int, "clips per optimiser step, all processes"),
     ("batch_seconds", ("--batch-seconds",), positive_float,
-     "audio seconds per step instead: clips = round(this / the crop length)"),
+     "audio seconds per step instead: clips = round(this / the crop length) (default: "
+     "unset, --batch-size counts)"),
     ("micro_batch", ("--micro-batch",), positive_int,
-     "clips per forward pass per process (gradient accumulation; default: the whole share)"),
+     "clips per forward pass per process, for gradient accumulation (default: the whole "
+     "share)"),
 ]
 OPTIMISER: list[Option] = [
     ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
@@ -57,14 +60,15 @@ RUN: list[Option] = [
 
 
 def add_options(p: argparse.ArgumentParser, options: Sequence[Option], defaults: Any) -> None:
-    """Add ``options`` to ``p``, each defaulting to the field of ``defaults`` (a config)."""
+    """Add ``options`` to ``p``, each defaulting to the field of ``defaults`` (a config);
+    its help ends with that default unless the text states it (as it must for None)."""
     for name, flags, kind, text in options:
         default = getattr(defaults, name)
         if kind == "flag":
             p.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
-            p.add_argument(*flags, dest=name, type=kind, default=default,
-                           help=f"{text} (default: {default})")
+            shown = text if "(default: " in text else f"{text} (default: {default})"
+            p.add_argument(*flags, dest=name, type=kind, default=default, help=shown)
 
 
 def add_config_file(p: argparse.ArgumentParser) -> None:
@@ -100,3 +104,25 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """``cls`` (a config dataclass) from the parsed arguments named like its fields."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# STAND-IN (issue 14): issue 13's `beats pretrain` is adding the shared version of the two
+# below for trainers on unlabelled audio (`beats.train.unlabelled.UnlabelledConfig`);
+# same names and meanings, so that its version replaces these.
+UNLABELLED: list[Option] = [
+    ("crop_seconds", ("--crop",), positive_float,
+     "seconds per training crop: random crops of longer files, starting on 160 ms steps; "
+     "shorter files are read whole, the padding masked"),
+    ("eval_batch", ("--eval-batch",), positive_int, "held-out clips per forward pass"),
+]
+
+
+def add_audio_arguments(p: argparse.ArgumentParser) -> None:
+    """AUDIO... (files, folders, .txt/.lst lists: `beats.train.unlabelled.find_audio`) and
+    ``--heldout`` (the same kinds, repeatable) for trainers on unlabelled audio."""
+    p.add_argument("audio", nargs="*", metavar="AUDIO",
+                   help="audio files, folders (searched recursively) or .txt/.lst lists of "
+                        "paths, as beats extract takes them (optional with --config-file)")
+    p.add_argument("--heldout", action="append", default=None, metavar="AUDIO",
+                   help="held-out audio (file, folder or list; repeatable) scored every "
+                        "--eval-every steps on fixed crops (default: none)")

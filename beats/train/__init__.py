@@ -7,12 +7,15 @@ without changing its layers; nothing in ``beats`` outside this subpackage import
 
 from .config import TrainConfig
 from .data import Clip, ClipDataset
+from .distill import DistillConfig, DistillResult, distill
 from .finetune import FinetuneConfig, FinetuneResult, LabelledClips, finetune
 from .loop import FitResult, RunError, Task, TrainingError, fit
 
 __all__ = [
     "Clip",
     "ClipDataset",
+    "DistillConfig",
+    "DistillResult",
     "FinetuneConfig",
     "FinetuneResult",
     "FitResult",
@@ -21,6 +24,7 @@ __all__ = [
     "Task",
     "TrainConfig",
     "TrainingError",
+    "distill",
     "finetune",
     "fit",
 ]

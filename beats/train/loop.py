@@ -35,9 +35,17 @@ How to add a task (``beats pretrain``, ``beats distill``, ...): subclass `Task`.
   logged with a ``val_`` prefix.
 - ``export(out_dir, tag, state_dict)`` (optional): write the task's artefacts from a full
   model state dict, ``tag`` "best" (on a validation improvement) or "last" (at the end).
-- ``after_step(step)`` (optional): e.g. an EMA codebook update (gradients are synced and
-  the optimiser has stepped; all-reduce your own statistics with
-  `distributed.all_sum`); ``fsdp_units()``: the modules to shard one by one (default:
+- ``before_step(step, micro)`` (optional): called on every process before the step's
+  forward passes, with this process's micro-batches (as collated, on the CPU; some may
+  be empty): one-off collective set-up that needs data, such as the distillation
+  codebook's k-means initialisation (every process takes part even when its share is
+  empty, so collectives cannot hang).
+- ``after_step(step) -> {name: value} | None`` (optional): e.g. an EMA codebook update
+  (gradients are synced and the optimiser has stepped; all-reduce your own statistics
+  with `distributed.all_sum`); the values returned are logged, averaged over the steps
+  of the logging window. ``discard_step(step)`` (optional) is called instead when float16
+  loss scaling skipped the step (no optimiser step): drop what the forwards recorded.
+  ``fsdp_units()``: the modules to shard one by one (default:
   the model's encoder layers above layer 0); ``train_mode()``: set train/eval modes
   before each step (default ``model.train()``; keep frozen parts in eval);
   ``run_info()``: extra entries for ``OUT/config.json``; ``failed``: [(source, error)]
@@ -123,7 +131,13 @@ class Task:
     def export(self, out_dir: Path, tag: str, state_dict: dict[str, torch.Tensor]) -> None:
         return None
 
-    def after_step(self, step: int) -> None:
+    def before_step(self, step: int, micro: list[dict[str, Any]]) -> None:
+        return None
+
+    def after_step(self, step: int) -> dict[str, float] | None:
+        return None
+
+    def discard_step(self, step: int) -> None:
         return None
 
     def fsdp_units(self) -> list[nn.Module]:
@@ -355,7 +369,11 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
             tic = time.perf_counter()
             result = _train_step(task, cfg, model, opt, scaler, params, micro, step, total,
                                  warmup, dtype, d, skipped)
-            task.after_step(step)
+            if result["skipped"]:
+                task.discard_step(step)
+            else:  # the task's per-step numbers are logged like its metrics (window mean)
+                done = task.after_step(step) or {}
+                result.update({k: (float(v), 1.0) for k, v in done.items()})
             step += 1
             window.add(result, time.perf_counter() - tic)
             failures.add(b["failed"] for b in micro)
@@ -411,6 +429,7 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
     for g in opt.param_groups:
         g["lr"] = cfg.lr * g["lr_scale"] * factor
     task.train_mode()
+    task.before_step(step, micro)
     # FSDP averages gradients over processes (gloo has no pre-multiplied sum to make it
     # sum): a loss scaled by the world size undoes that (exactly for a power-of-two world
     # size, else up to float rounding)
@@ -442,11 +461,13 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
     # float16's loss scaling skips a step whose gradients overflow (and lowers the scale);
     # anything else that is not finite, the loss above all, ends the run
     bad = None
+    overflowed = False
     if count > 0 and not math.isfinite(loss_value):
         bad = f"the loss is not finite ({loss_value})"
     elif count > 0 and not math.isfinite(norm) and not scaler.is_enabled():
         bad = f"the gradient norm is not finite ({norm})"
     elif count > 0 and not math.isfinite(norm):
+        overflowed = True
         skipped[0] += 1
         if skipped[0] >= MAX_SKIPPED:
             bad = f"float16 gradients overflowed {MAX_SKIPPED} steps in a row"
@@ -462,7 +483,7 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
         scaler.update()
     opt.zero_grad(set_to_none=True)
     out = {"loss": loss_value, "count": count, "seconds": seconds,
-           "lr": cfg.lr * factor, "grad_norm": norm}
+           "lr": cfg.lr * factor, "grad_norm": norm, "skipped": overflowed}
     for i, k in enumerate(names):
         out[k] = (float(totals[1 + 2 * i]), float(totals[2 + 2 * i]))
     return out
