@@ -100,3 +100,23 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """``cls`` (a config dataclass) from the parsed arguments named like its fields."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# Trainers on unlabelled audio (`beats.train.unlabelled.UnlabelledConfig`): pretrain, distill.
+UNLABELLED: list[Option] = [
+    ("crop_seconds", ("--crop",), positive_float,
+     "seconds per training crop: random crops of longer files, starting on 160 ms steps; "
+     "shorter files are padded and the padding masked"),
+    ("eval_batch", ("--eval-batch",), positive_int, "held-out clips per forward pass"),
+]
+
+
+def add_audio_arguments(p: argparse.ArgumentParser) -> None:
+    """AUDIO... (files, folders, .txt/.lst lists: `beats.train.unlabelled.find_audio`) and
+    ``--heldout`` (the same kinds, repeatable) for trainers on unlabelled audio."""
+    p.add_argument("audio", nargs="*", metavar="AUDIO",
+                   help="audio files, folders (searched recursively) or .txt/.lst lists of "
+                        "paths, as beats extract takes them (optional with --config-file)")
+    p.add_argument("--heldout", action="append", default=None, metavar="AUDIO",
+                   help="held-out audio (file, folder or list; repeatable) scored every "
+                        "--eval-every steps on fixed crops and masks")

@@ -35,9 +35,11 @@ How to add a task (``beats pretrain``, ``beats distill``, ...): subclass `Task`.
   logged with a ``val_`` prefix.
 - ``export(out_dir, tag, state_dict)`` (optional): write the task's artefacts from a full
   model state dict, ``tag`` "best" (on a validation improvement) or "last" (at the end).
-- ``after_step(step)`` (optional): e.g. an EMA codebook update (gradients are synced and
-  the optimiser has stepped; all-reduce your own statistics with
-  `distributed.all_sum`); ``fsdp_units()``: the modules to shard one by one (default:
+- ``after_step(step) -> {name: value} | None`` (optional): e.g. an EMA codebook update
+  (gradients are synced and the optimiser has stepped; all-reduce your own statistics
+  with `distributed.all_sum`); the values it returns (the same on every process: counts
+  of distinct labels, codebook usage) are logged as their mean over the logging window;
+  ``fsdp_units()``: the modules to shard one by one (default:
   the model's encoder layers above layer 0); ``train_mode()``: set train/eval modes
   before each step (default ``model.train()``; keep frozen parts in eval);
   ``run_info()``: extra entries for ``OUT/config.json``; ``failed``: [(source, error)]
@@ -123,7 +125,7 @@ class Task:
     def export(self, out_dir: Path, tag: str, state_dict: dict[str, torch.Tensor]) -> None:
         return None
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> dict[str, float] | None:
         return None
 
     def fsdp_units(self) -> list[nn.Module]:
@@ -354,7 +356,8 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
             tic = time.perf_counter()
             result = _train_step(task, cfg, model, opt, scaler, params, micro, step, total,
                                  warmup, dtype, d, skipped)
-            task.after_step(step)
+            for name, value in (task.after_step(step) or {}).items():
+                result[name] = (float(value), 1.0)  # a per-step value: its window mean
             step += 1
             window.add(result, time.perf_counter() - tic)
             failures.add(b["failed"] for b in micro)
