@@ -1,7 +1,7 @@
 """Evidence that `beats pretrain` learns: held-out masked accuracy and a linear probe.
 
-    python benchmarks/pretrain_evidence.py OUT [--positions true compacted scattered]
-        [--steps N] [--probe-seeds 5] [-- extra beats pretrain options]
+    python benchmarks/pretrain_evidence.py OUT [--positions true compacted]
+        [--probe-seeds 5] [-- extra beats pretrain options (--steps N, ...)]
 
 1. Makes the real corpus (`benchmarks.corpus`: 12 min of espeak-ng speech and sox
    signals, held-out clips, a 7-class labelled probe set) in ``OUT/corpus`` unless there.
@@ -57,11 +57,15 @@ def initial_model(run: Path, out: Path) -> Path:
 
 
 def probe(data: Path, model: Path, out: Path, seeds: int) -> list[float]:
+    """Test accuracies of ``seeds`` linear probes (other splits and head seeds); the
+    embeddings are computed once, by the first."""
     accuracies = []
     for seed in range(seeds):
         target = out / f"seed{seed}"
+        source = ["-m", str(model)] if seed == 0 else ["--embeddings",
+                                                        str(out / "seed0" / "embeddings")]
         if not (target / "report.json").exists():
-            beats("probe", str(data), "-o", str(target), "-m", str(model), "--seed", str(seed),
+            beats("probe", str(data), "-o", str(target), *source, "--seed", str(seed),
                   "-j", "0", "-q")
         accuracies.append(json.loads((target / "report.json").read_text())["test"]["accuracy"])
     return accuracies
@@ -70,12 +74,13 @@ def probe(data: Path, model: Path, out: Path, seeds: int) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--positions", nargs="+", default=["true", "compacted", "scattered"])
+    p.add_argument("--positions", nargs="+", default=["true", "compacted"],
+                   choices=["true", "compacted", "scattered"])
     p.add_argument("--probe-seeds", type=int, default=5)
-    p.add_argument("extra", nargs=argparse.REMAINDER,
-                   help="after --: more beats pretrain options (--steps, --lr, ...)")
-    args = p.parse_args()
-    extra = [a for a in args.extra if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    extra = argv[cut + 1:]  # after --: more beats pretrain options (--steps, --lr, ...)
     out: Path = args.out
     print(f"CPU: {cpu_description()}; torch {torch.__version__}; load before: "
           f"{load_average()}")
