@@ -33,7 +33,7 @@ LENGTH: list[Option] = [
 OPTIMISER: list[Option] = [
     ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
     ("schedule", ("--schedule",), str, "after warm-up: cosine, linear (to 0) or constant"),
-    ("warmup_steps", ("--warmup-steps",), non_negative_int,
+    ("warmup_steps", ("--warmup-steps", "--warmup"), non_negative_int,
      "linear warm-up steps (0: --warmup-ratio of all steps)"),
     ("warmup_ratio", ("--warmup-ratio",), non_negative_float, "warm-up as a share of all steps"),
     ("weight_decay", ("--weight-decay",), non_negative_float,
