@@ -368,5 +368,5 @@ def test_help_lists_the_options_with_defaults():
                  "--lr", "--warmup-steps", "--seed", "--dtype", "--resume", "-q", "-j",
                  "--device", "--log-every", "--config-file", "--heldout", "--positions"):
         assert flag in text, flag
-    assert "(default: 400000)" in text and "with --config tiny: 300" in text
+    assert "(default: 400000)" in text and "with --config tiny: 2000" in text
     assert "--warmup-steps WARMUP_STEPS, --warmup WARMUP_STEPS" in text  # the name
