@@ -16,7 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb",
                                            "02_frozen_backbone_classifier.ipynb",
-                                           "03_finetune.ipynb"]
+                                           "03_finetune.ipynb", "04_pretrain.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -53,6 +53,9 @@ print("CONTRAST", min(_ratios), "FONTSIZE", min(_t.get_fontsize() for _t in ax.t
 """,
 }
 CHECKS["03_finetune.ipynb"] = CHECKS["02_frozen_backbone_classifier.ipynb"]
+CHECKS["04_pretrain.ipynb"] = """
+print("CURVES", [len(a.lines) for a in axes], "STEPS", [x["step"] for x in val])
+"""
 
 
 @pytest.mark.slow
@@ -73,15 +76,21 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     assert "IProgress" not in text and "TqdmWarning" not in text
     if "quickstart" in path.name:
         assert "OFFSETS ['', '', '']" in text
+    elif "pretrain" in path.name:  # loss; training, held-out and most-frequent accuracy
+        assert "CURVES [1, 3] STEPS [20, 40, 60]" in text
     else:
         contrast, size = re.search(r"CONTRAST (\S+) FONTSIZE (\S+)", text).groups()
         assert float(contrast) >= 4.5 and float(size) >= 12
-    assert "RANDOM DEMO MODEL" in text
+    if "pretrain" not in path.name:  # 04 trains its own model from scratch
+        assert "RANDOM DEMO MODEL" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
     figures = {"01_quickstart.ipynb": 2, "03_finetune.ipynb": 2}
     assert images == figures.get(path.name, 1)  # every figure drawn
     if "classifier" in path.name:
         assert "held-out: {'accuracy'" in text
+    if "pretrain" in path.name:
+        assert "held-out masked accuracy" in text and "'model'" in text and "'tokenizer'" in text
+        assert "linear probe, before" in text and "linear probe, after" in text
     if "finetune" in path.name:
         assert "held-out accuracy" in text and "labels: ['noise', 'speech', 'tonal']" in text

@@ -36,7 +36,7 @@ LENGTH: list[Option] = [
 OPTIMISER: list[Option] = [
     ("lr", ("--lr",), positive_float, "peak learning rate (AdamW)"),
     ("schedule", ("--schedule",), str, "after warm-up: cosine, linear (to 0) or constant"),
-    ("warmup_steps", ("--warmup-steps",), non_negative_int,
+    ("warmup_steps", ("--warmup-steps", "--warmup"), non_negative_int,
      "linear warm-up steps (0: --warmup-ratio of all steps)"),
     ("warmup_ratio", ("--warmup-ratio",), non_negative_float, "warm-up as a share of all steps"),
     ("weight_decay", ("--weight-decay",), non_negative_float,
@@ -106,13 +106,11 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-# STAND-IN (issue 14): issue 13's `beats pretrain` is adding the shared version of the two
-# below for trainers on unlabelled audio (`beats.train.unlabelled.UnlabelledConfig`);
-# same names and meanings, so that its version replaces these.
+# Trainers on unlabelled audio (`beats.train.unlabelled.UnlabelledConfig`): pretrain, distill.
 UNLABELLED: list[Option] = [
     ("crop_seconds", ("--crop",), positive_float,
      "seconds per training crop: random crops of longer files, starting on 160 ms steps; "
-     "shorter files are read whole, the padding masked"),
+     "shorter files are padded and the padding masked"),
     ("eval_batch", ("--eval-batch",), positive_int, "held-out clips per forward pass"),
 ]
 
@@ -125,4 +123,5 @@ def add_audio_arguments(p: argparse.ArgumentParser) -> None:
                         "paths, as beats extract takes them (optional with --config-file)")
     p.add_argument("--heldout", action="append", default=None, metavar="AUDIO",
                    help="held-out audio (file, folder or list; repeatable) scored every "
-                        "--eval-every steps on fixed crops (default: none)")
+                        "--eval-every steps on fixed crops (and masks, for pre-training) "
+                        "(default: none)")

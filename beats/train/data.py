@@ -104,7 +104,9 @@ class ClipDataset(Dataset):
     def __init__(self, clips: Sequence[Clip], *, crop_seconds: float | None = None,
                  seed: int = 0, augment: ItemAugment | None = None, train: bool = True,
                  crop_step: int | None = None) -> None:
-        self.clips = list(clips)
+        # a Sequence is kept as is (`beats.train.unlabelled.AudioFiles` holds millions of
+        # paths compactly: a list of Clip objects would cost ~0.5 KB each in every worker)
+        self.clips = clips if isinstance(clips, Sequence) else list(clips)
         self.crop_seconds = crop_seconds
         self.seed = seed
         self.augment = augment
