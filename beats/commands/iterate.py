@@ -16,10 +16,12 @@ EXIT_DIVERGED = 4  # a stage's loss or gradient norm stopped being finite
 
 # Distillation settings of iterate for a model preset (the rest: DistillConfig's, the
 # paper's). tiny: the student of the same size, a CPU-sized run (benchmarks/
-# iteration_evidence.py); base: the paper's (DistillConfig's own defaults).
+# iteration_evidence.py), with dead-code restarts (at this size the EMA codebook collapses
+# to under 100 codes without them: README, codebook health); base: the paper's
+# (DistillConfig's own defaults, restarts off as in the original).
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(student="tiny", lr=5e-4, steps=400, batch_size=16, crop_seconds=5.0,
-                 save_every=100, eval_every=100),
+    "tiny": dict(student="tiny", lr=5e-4, steps=400, batch_size=8, crop_seconds=2.0,
+                 save_every=100, eval_every=100, restart_after=20),
     "base": dict(student="base"),
     "large": dict(student="base"),
 }
