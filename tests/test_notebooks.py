@@ -16,7 +16,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb",
                                            "02_frozen_backbone_classifier.ipynb",
-                                           "03_finetune.ipynb", "04_pretrain.ipynb"]
+                                           "03_finetune.ipynb", "04_pretrain.ipynb",
+                                           "05_tokenizer.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -53,6 +54,10 @@ print("CONTRAST", min(_ratios), "FONTSIZE", min(_t.get_fontsize() for _t in ax.t
 """,
 }
 CHECKS["03_finetune.ipynb"] = CHECKS["02_frozen_backbone_classifier.ipynb"]
+CHECKS["05_tokenizer.ipynb"] = """
+print("STAGES", result.ran, "ROWS", len(result.rows))
+print("TOKENS", array.shape[1], array.dtype)
+"""
 CHECKS["04_pretrain.ipynb"] = """
 print("CURVES", [len(a.lines) for a in axes], "STEPS", [x["step"] for x in val])
 """
@@ -76,16 +81,19 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     assert "IProgress" not in text and "TqdmWarning" not in text
     if "quickstart" in path.name:
         assert "OFFSETS ['', '', '']" in text
+    elif "tokenizer" in path.name:  # three stages ran; (T, 8) int64 tokens from the CLI
+        assert "STAGES ['iter1/pretrain', 'iter2/distill', 'iter2/pretrain'] ROWS 2" in text
+        assert "TOKENS 8 int64" in text
     elif "pretrain" in path.name:  # loss; training, held-out and most-frequent accuracy
         assert "CURVES [1, 3] STEPS [20, 40, 60]" in text
     else:
         contrast, size = re.search(r"CONTRAST (\S+) FONTSIZE (\S+)", text).groups()
         assert float(contrast) >= 4.5 and float(size) >= 12
-    if "pretrain" not in path.name:  # 04 trains its own model from scratch
+    if not ("pretrain" in path.name or "tokenizer" in path.name):  # 04, 05 train their own
         assert "RANDOM DEMO MODEL" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
-    figures = {"01_quickstart.ipynb": 2, "03_finetune.ipynb": 2}
+    figures = {"01_quickstart.ipynb": 2, "03_finetune.ipynb": 2, "05_tokenizer.ipynb": 2}
     assert images == figures.get(path.name, 1)  # every figure drawn
     if "classifier" in path.name:
         assert "held-out: {'accuracy'" in text
