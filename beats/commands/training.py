@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,13 +62,18 @@ RUN: list[Option] = [
 
 def add_options(p: argparse.ArgumentParser, options: Sequence[Option], defaults: Any) -> None:
     """Add ``options`` to ``p``, each defaulting to the field of ``defaults`` (a config);
-    its help ends with that default unless the text states it (as it must for None)."""
+    its help ends with that default. A text's own "(default: ...)" says what None means:
+    it is shown when the config's default is None, and replaced by the value otherwise
+    (``--steps`` is None for fine-tuning, 400000 for pre-training)."""
     for name, flags, kind, text in options:
         default = getattr(defaults, name)
         if kind == "flag":
             p.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
-            shown = text if "(default: " in text else f"{text} (default: {default})"
+            if default is None and "(default: " in text:
+                shown = text
+            else:
+                shown = f"{re.sub(r' [(]default: [^)]*[)]', '', text)} (default: {default})"
             p.add_argument(*flags, dest=name, type=kind, default=default, help=shown)
 
 
