@@ -57,6 +57,8 @@ CHECKS["03_finetune.ipynb"] = CHECKS["02_frozen_backbone_classifier.ipynb"]
 CHECKS["05_tokenizer.ipynb"] = """
 print("STAGES", result.ran, "ROWS", len(result.rows))
 print("TOKENS", array.shape[1], array.dtype)
+print("OFFSETS", repr([a.yaxis.get_major_formatter().get_offset() for a in [*health, *axes]]))
+print("LABELLED", [len(a.texts) == a.images[0].get_array().size > 0 for a in axes[1:]])
 """
 CHECKS["04_pretrain.ipynb"] = """
 print("CURVES", [len(a.lines) for a in axes], "STEPS", [x["step"] for x in val])
@@ -84,6 +86,8 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
     elif "tokenizer" in path.name:  # three stages ran; (T, 8) int64 tokens from the CLI
         assert "STAGES ['iter1/pretrain', 'iter2/distill', 'iter2/pretrain'] ROWS 2" in text
         assert "TOKENS 8 int64" in text
+        # no offset on any axis; every patch of both token panels shows its label's number
+        assert "OFFSETS ['', '', '', '', '', '']" in text and "LABELLED [True, True]" in text
     elif "pretrain" in path.name:  # loss; training, held-out and most-frequent accuracy
         assert "CURVES [1, 3] STEPS [20, 40, 60]" in text
     else:
