@@ -14,19 +14,6 @@ from .training import add_audio_arguments
 
 EXIT_DIVERGED = 4  # a stage's loss or gradient norm stopped being finite
 
-# Distillation settings of iterate for a model preset (the rest: DistillConfig's, the
-# paper's). tiny: the student of the same size, a CPU-sized run (benchmarks/
-# iteration_evidence.py); base: the paper's. Dead-code restarts stay off, as in the
-# original: on the tiny corpus they kept 536 codes in use, labels the tiny SSL model then
-# could not learn at all, while without them 62 codes gave labels it learned (README).
-DISTILL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(student="tiny", lr=5e-4, steps=400, batch_size=8, crop_seconds=2.0,
-                 save_every=100, eval_every=100),
-    "base": dict(student="base"),
-    "large": dict(student="base"),
-}
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "iterate",
@@ -136,7 +123,7 @@ def configs(args: argparse.Namespace) -> Any:
     """The `IterateConfig` the arguments describe."""
     from ..train.distill import DistillConfig
     from ..train.finetune import FinetuneConfig
-    from ..train.iterate import IterateConfig
+    from ..train.iterate import DISTILL_PRESETS, IterateConfig
     from ..train.pretrain import PRESETS, PretrainConfig, preset_defaults
 
     run = {"device": args.device, "seed": args.seed, "num_workers": args.num_workers,

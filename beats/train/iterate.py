@@ -51,6 +51,18 @@ SETTINGS_FILE = "iterate.json"
 SUMMARY_FILE = "summary.json"
 STAGE_FILE = "stage.json"
 
+# Distillation settings of iterate for a model preset (the rest: DistillConfig's, the
+# paper's). tiny: the student of the same size, a CPU-sized run (benchmarks/
+# iteration_evidence.py); base: the paper's. Dead-code restarts stay off, as in the
+# original: on the tiny corpus they kept 536 codes in use, labels the tiny SSL model then
+# could not learn at all, while without them 62 codes gave labels it learned (README).
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(student="tiny", lr=5e-4, steps=400, batch_size=8, crop_seconds=2.0,
+                 save_every=100, eval_every=100),
+    "base": dict(student="base"),
+    "large": dict(student="base"),
+}
+
 # probe(model_dir, out_dir) -> its test scores, e.g. {"accuracy": 0.9}: the command layer
 # passes one that runs `beats probe` (the probe lives above beats.train).
 ProbeFn = Callable[[Path, Path], dict[str, float]]
@@ -64,7 +76,8 @@ class IterateConfig:
         iterations: N >= 1 (iteration 1 is the random tokenizer's).
         pretrain: the settings of every pre-training stage (its ``tokenizer``,
             ``tokens`` and ``resume`` are set per stage).
-        distill: the settings of every distillation stage (``resume`` set per stage).
+        distill: the settings of every distillation stage (``resume`` set per stage);
+            `DISTILL_PRESETS` has iterate's for each model preset.
         finetune: with ``teacher_finetune``, the settings of the fine-tuning stages.
         teacher_finetune: labelled data (what ``beats finetune`` takes): fine-tune the
             last SSL model on it and distil from the fine-tuned model (iter3+).
@@ -73,7 +86,8 @@ class IterateConfig:
 
     iterations: int = 3
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig.for_preset("tiny"))
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(student="tiny"))
+    distill: DistillConfig = field(
+        default_factory=lambda: DistillConfig(**DISTILL_PRESETS["tiny"]))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     teacher_finetune: str | None = None
     probe: str | None = None
