@@ -92,8 +92,18 @@ def test_relative_position_buckets(num_buckets, max_distance):
     assert b[0, 79] == 239 and b[0, 80] == 240 and b[0, 999] == 319 and b[999, 0] == 159
 
 
-def _original_attention(attn: MultiheadAttention, x, key_padding_mask, table):
-    """The original's computation: scaled q, max subtraction and x32 rescaling, explicit softmax."""
+def _hand_position_bias(attn: MultiheadAttention, length: int, table):
+    """The ungated bias (H, S, S) from the bucket table, buckets computed one by one by hand."""
+    offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+    buckets = torch.tensor([[_bucket(int(r), attn.num_buckets, attn.max_distance) for r in row]
+                            for row in offsets])
+    return table[buckets].permute(2, 0, 1)
+
+
+def _original_attention(attn: MultiheadAttention, x, key_padding_mask, position_bias):
+    """The original's computation: scaled q, max subtraction and x32 rescaling, explicit
+    softmax; ``position_bias`` (H, S, S) or (B, H, S, S), gated when ``attn`` has the GRU
+    gate; ``key_padding_mask`` (B, S) or None."""
     batch, length, dim = x.shape
     heads, d = attn.num_heads, attn.head_dim
     alpha, scaling = 32.0, d**-0.5
@@ -103,32 +113,31 @@ def _original_attention(attn: MultiheadAttention, x, key_padding_mask, table):
     q, k, v = (t.view(batch, length, heads, d).transpose(1, 2) for t in (q, k, v))
     w = q @ k.transpose(-1, -2)
     w = (w - w.max(dim=-1, keepdim=True).values) * alpha
-    w = w.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
-    buckets = torch.tensor([[_bucket(int(r), attn.num_buckets, attn.max_distance) for r in row]
-                            for row in offsets])
-    bias = table[buckets].permute(2, 0, 1)  # (H, S, S)
-    u = q * alpha / scaling
-    g = torch.sigmoid((u @ attn.grep_linear.weight.T + attn.grep_linear.bias)
-                      .view(batch, heads, length, 2, 4).sum(-1))
-    gate = g[..., :1] * (g[..., 1:] * attn.grep_a - 1.0) + 2.0
-    w = w + gate * bias
-    out = torch.softmax(w, dim=-1) @ v
+    if key_padding_mask is not None:
+        w = w.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    bias = position_bias
+    if attn.gru_rel_pos:
+        u = q * alpha / scaling
+        g = torch.sigmoid((u @ attn.grep_linear.weight.T + attn.grep_linear.bias)
+                          .view(batch, heads, length, 2, 4).sum(-1))
+        bias = (g[..., :1] * (g[..., 1:] * attn.grep_a - 1.0) + 2.0) * bias
+    out = torch.softmax(w + bias, dim=-1) @ v
     out = out.transpose(1, 2).reshape(batch, length, dim)
     return out @ attn.out_proj.weight.T + attn.out_proj.bias
 
 
-def _perturbed_attention():
-    """A gated relative-position attention with every weight perturbed, a (2, 40, 16)
-    input and a key padding mask (clip 1 has 27 valid positions)."""
+def _perturbed_attention(gru: bool = True, dim: int = 16, lengths: tuple[int, ...] = (40, 27)):
+    """A relative-position attention (GRU gate or not) with every weight perturbed, a
+    (len(lengths), 40, dim) input and its key padding mask (clip i has lengths[i] valid
+    positions)."""
     torch.manual_seed(0)
-    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
-                              max_distance=64, gru_rel_pos=True).eval()
+    attn = MultiheadAttention(dim, 4, has_relative_attention_bias=True, num_buckets=32,
+                              max_distance=64, gru_rel_pos=gru).eval()
     with torch.no_grad():
         for p in attn.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(2, 40, 16)
-    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None]
+    x = torch.randn(len(lengths), 40, dim)
+    mask = torch.arange(40)[None, :] >= torch.tensor(lengths)[:, None]
     return attn, x, mask
 
 
@@ -136,7 +145,8 @@ def test_attention_matches_the_original_computation():
     attn, x, mask = _perturbed_attention()
     with torch.no_grad():
         ours = attn(x, mask, attn.position_bias(40, x.device))
-        theirs = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
+        theirs = _original_attention(
+            attn, x, mask, _hand_position_bias(attn, 40, attn.relative_attention_bias.weight))
     assert (ours - theirs).abs().max() < 1e-5
 
 
@@ -194,14 +204,8 @@ def test_quant_noise_conv2d():
 @pytest.mark.parametrize("padded", [True, False])
 def test_attention_mask_buffer_and_grad_paths_agree(gru, padded):
     """The encoder's no-grad path writes masks into a shared buffer; same values as autograd's."""
-    torch.manual_seed(0)
-    attn = MultiheadAttention(16, 4, has_relative_attention_bias=True, num_buckets=32,
-                              max_distance=64, gru_rel_pos=gru).eval()
-    with torch.no_grad():
-        for p in attn.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(2, 40, 16)
-    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27])[:, None] if padded else None
+    attn, x, mask = _perturbed_attention(gru)
+    mask = mask if padded else None
     bias = attn.position_bias(40, x.device)
     with torch.enable_grad():
         with_grad = attn(x, mask, bias)
@@ -226,7 +230,8 @@ def test_fused_projection_gradients_equal_the_original_computation():
         if run == "ours":
             out = attn(x, mask, attn.position_bias(40, x.device))
         else:
-            out = _original_attention(attn, x, mask, attn.relative_attention_bias.weight)
+            out = _original_attention(
+                attn, x, mask, _hand_position_bias(attn, 40, attn.relative_attention_bias.weight))
         out.pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in attn.named_parameters()})
     for name, g in grads[0].items():
@@ -249,51 +254,22 @@ def test_bfloat16_gelu_is_the_float32_gelu_rounded_once():
     assert torch.equal(got[keep].view(torch.int16), expected[keep].view(torch.int16))
 
 
-def _attention_by_hand(attn, x, key_padding_mask, position_bias):
-    """softmax(q k^T / sqrt(d) + G P) v in float64 from the spec's formulas (no SDPA)."""
-    a = attn.double()
-    x = x.double()
-    batch, length, dim = x.shape
-    heads, d = a.num_heads, a.head_dim
-
-    def split(t):
-        return t.view(batch, length, heads, d).transpose(1, 2)
-
-    q, k, v = split(a.q_proj(x)), split(a.k_proj(x)), split(a.v_proj(x))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    bias = position_bias.double()
-    if a.gru_rel_pos:
-        logits = a.grep_linear(q).view(batch, heads, length, 2, 4).sum(-1)
-        gate_a, gate_b = torch.sigmoid(logits).chunk(2, dim=-1)
-        bias = (gate_a * (gate_b * a.grep_a - 1.0) + 2.0) * bias
-    scores = scores + bias
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, dim)
-    return a.out_proj(out)
-
-
 @pytest.mark.parametrize("gru", [True, False])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("per_clip_bias", [True, False])
 def test_bfloat16_attention_outside_autograd_matches_the_formula(gru, padded, per_clip_bias):
-    """bfloat16 on CPU with a workspace (the clip-by-clip path): the spec's attention to
-    bfloat16 rounding, as close as SDPA's bfloat16 kernel gets."""
-    torch.manual_seed(0)
-    attn = MultiheadAttention(32, 4, has_relative_attention_bias=True, num_buckets=32,
-                              max_distance=64, gru_rel_pos=gru).eval()
-    with torch.no_grad():
-        for p in attn.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(3, 40, 32)
-    mask = torch.arange(40)[None, :] >= torch.tensor([40, 27, 9])[:, None] if padded else None
+    """bfloat16 on CPU with a workspace (the clip-by-clip path): the original's attention
+    (in float64) to bfloat16 rounding, as close as SDPA's bfloat16 kernel gets."""
+    attn, x, mask = _perturbed_attention(gru, dim=32, lengths=(40, 27, 9))
+    mask = mask if padded else None
     if per_clip_bias:  # kept patches at scattered true positions (pre-training)
         positions = torch.stack([torch.randperm(100)[:40].sort().values for _ in range(3)])
         bias = attn.position_bias_at(positions)
     else:
         bias = attn.position_bias(40, x.device)
     with torch.no_grad():
-        expected = _attention_by_hand(copy.deepcopy(attn), x, mask, bias)
+        expected = _original_attention(copy.deepcopy(attn).double(), x.double(), mask,
+                                       bias.double())
         half = attn.to(torch.bfloat16)
         xb, bias_b = x.to(torch.bfloat16), bias.to(torch.bfloat16)
         workspace = Workspace()
