@@ -7,10 +7,8 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from beats.audio import load_audio
 from beats.cli import main
 
 from .conftest import REFERENCE
+from .kill import kill_at_checkpoint
 from .test_extract import ROOT, _free_port, beats_cli
 
 CODES = 32
@@ -134,15 +133,8 @@ def test_resume_after_sigkill_is_bit_identical(whole, sound_classes_dir, tiny_ch
     out = tmp_path / "killed"
     args = [str(sound_classes_dir), "-o", str(out), "--teacher", str(tiny_checkpoint),
             "--config", str(student["tiny"]), *RUN]
-    run = subprocess.Popen([sys.executable, "-m", "beats", "distill", *args], env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "state" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = torch.load(last, weights_only=True)["loop"]["step"]
+    killed_at = kill_at_checkpoint(["distill", *args], ENV, last)
     assert 2 <= killed_at < 8, "the run must be killed mid-way"
 
     proc = distill(*args, "--resume")

@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 from beats import BEATs
 from beats.files import folder_lock
 
+from .kill import kill_at_checkpoint
 from .test_extract import ROOT, beats_cli
 
 # Settings that learn the 3-class set in seconds on a CPU with the tiny model.
@@ -212,17 +211,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, sound_classes_dir, tiny
     assert proc.returncode == 0, proc.stderr
 
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.Popen([sys.executable, "-m", "beats", "finetune", *common, "-o", str(out),
-                            "-j", "1"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    last = out / "state" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = torch.load(last, weights_only=True)["loop"]["step"]
+    killed_at = kill_at_checkpoint(["finetune", *common, "-o", str(out), "-j", "1"],
+                                   dict(os.environ, PYTHONPATH=str(ROOT)),
+                                   out / "state" / "last.pt")
     assert 2 <= killed_at < 12, "the run must be killed mid-way"
 
     stale = out / "state" / ".last.pt.0123456789ab.tmp"  # as a kill inside a save leaves it

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from beats import BEATs, BEATsTokenizer
 
+from .kill import kill_at_checkpoint
 from .test_extract import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -50,10 +48,16 @@ def setup(sound_classes_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def command(s: dict[str, Path], out: Path, *more: str) -> list[str]:
-    return [sys.executable, "-m", "beats", "iterate", str(s["train"]), "--heldout",
+    """The arguments of ``beats iterate`` (after ``python -m beats``)."""
+    return ["iterate", str(s["train"]), "--heldout",
             str(s["heldout"]), "-o", str(out), "--iterations", "2", "--config", str(s["ssl"]),
             "--pretrain-options", str(s["pretrain"]), "--distill-options", str(s["distill"]),
             "--dtype", "float32", "-j", "0", *more]
+
+
+def beats(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "beats", *args], env=ENV, capture_output=True,
+                          text=True)
 
 
 def lines(folder: Path) -> list[str]:
@@ -63,16 +67,7 @@ def lines(folder: Path) -> list[str]:
 def test_killed_mid_stage_resumes_that_stage_and_skips_finished_ones(setup, tmp_path):
     out = tmp_path / "run"
     cmd = command(setup, out, "--probe", str(setup["probe"]))
-    run = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
-    checkpoint = out / "iter2" / "distill" / "state" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    _, err = run.communicate()
-    assert checkpoint.exists(), err
-    killed_at = torch.load(checkpoint, weights_only=True)["loop"]["step"]
+    killed_at = kill_at_checkpoint(cmd, ENV, out / "iter2" / "distill" / "state" / "last.pt")
     assert 2 <= killed_at < 8, "the run must be killed inside the distillation stage"
     assert (out / "iter1" / "pretrain" / "stage.json").is_file()
     assert (out / "iter1" / "probe" / "stage.json").is_file()
@@ -81,7 +76,7 @@ def test_killed_mid_stage_resumes_that_stage_and_skips_finished_ones(setup, tmp_
     before = lines(out / "iter2" / "distill")
     kept = [x for x in before if json.loads(x)["step"] <= killed_at]
 
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    proc = beats(cmd)
     assert proc.returncode == 0, proc.stderr
     for stage in ("iter1/pretrain", "iter1/probe"):
         assert f"skipping (done) {stage}" in proc.stderr
@@ -123,10 +118,9 @@ def test_killed_mid_stage_resumes_that_stage_and_skips_finished_ones(setup, tmp_
 
     # Run again: everything is done, nothing runs. More iterations extend the run; other
     # settings are another run (one line, exit 2).
-    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    again = beats(cmd)
     assert again.returncode == 0 and "running" not in again.stderr
-    other = subprocess.run(command(setup, out, "--seed", "1"), env=ENV, capture_output=True,
-                           text=True)
+    other = beats(command(setup, out, "--seed", "1"))
     assert other.returncode == 2
     assert other.stderr.count("\n") == 1 and "other settings" in other.stderr
     assert "seed" in other.stderr or "pretrain" in other.stderr
@@ -155,9 +149,8 @@ def test_teacher_finetune_distils_from_the_fine_tuned_model(setup, tmp_path):
     options.write_text(json.dumps({"steps": 4, "batch_size": 6, "crop_seconds": 1.0,
                                    "save_every": 2, "log_every": 2}))
     out = tmp_path / "run"
-    proc = subprocess.run(command(setup, out, "--teacher-finetune", str(setup["probe"]),
-                                  "--finetune-options", str(options), "-q"),
-                          env=ENV, capture_output=True, text=True)
+    proc = beats(command(setup, out, "--teacher-finetune", str(setup["probe"]),
+                         "--finetune-options", str(options), "-q"))
     assert proc.returncode == 0, proc.stderr
     tuned = out / "iter1" / "finetune" / "model"
     assert sorted(BEATs.from_pretrained(tuned).labels) == ["noise", "speech", "tonal"]

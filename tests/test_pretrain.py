@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from beats.train.data import ClipDataset
 from beats.train.pretrain import MaskDraw, PretrainConfig, collate_masked, neighbour_guess
 from beats.train.unlabelled import AudioFiles, audio_dataset, find_audio
 
+from .kill import kill_at_checkpoint
 from .test_extract import ROOT, beats_cli
 
 # tiny with 2 layers and a 1-layer predictor: for the tests of mechanics, not learning
@@ -304,15 +303,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, split, small_config):
     assert proc.returncode == 0, proc.stderr
 
     out = tmp_path / "killed"
-    run = subprocess.Popen([sys.executable, "-m", "beats", "pretrain", *common, "-o", str(out)],
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = out / "state" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed_at = torch.load(last, weights_only=True)["loop"]["step"]
+    killed_at = kill_at_checkpoint(["pretrain", *common, "-o", str(out)], ENV,
+                                   out / "state" / "last.pt")
     assert 2 <= killed_at < 12, "the run must be killed mid-way"
     proc = pretrain(*common, "-o", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr
