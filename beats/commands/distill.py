@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_DIVERGED
     if not args.quiet:
         out = Path(args.output)
-        last = _last_line(out / "metrics.jsonl")
+        last = _last_line(out)
         size = result.tokenizer.cfg.quant_n
         if last:
             print(f"step {last['step']}: cosine {last['cosine']:.3f}, codebook usage "
@@ -136,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _last_line(path: Path) -> dict | None:
-    """The last training line of metrics.jsonl (one with ``cosine``), or None."""
-    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    lines = [x for x in lines if "cosine" in x and "codebook_usage" in x]
+def _last_line(out: Path) -> dict | None:
+    """The last training line of OUT/metrics.jsonl (one with ``cosine``), or None."""
+    from ..train.logs import read_metrics
+
+    lines = [x for x in read_metrics(out) if "cosine" in x and "codebook_usage" in x]
     return lines[-1] if lines else None

@@ -124,17 +124,12 @@ def configs(args: argparse.Namespace) -> Any:
     from ..train.distill import DistillConfig
     from ..train.finetune import FinetuneConfig
     from ..train.iterate import DISTILL_PRESETS, IterateConfig
-    from ..train.pretrain import PRESETS, PretrainConfig, preset_defaults
+    from ..train.pretrain import PretrainConfig, preset_defaults, preset_name
 
     run = {"device": args.device, "seed": args.seed, "num_workers": args.num_workers,
            "quiet": args.quiet, "dtype": args.dtype}
     shared = {"batch_size": args.batch_size, "crop_seconds": args.crop_seconds}
-    preset = args.config
-    if preset not in PRESETS:  # a JSON file: its "preset" key (beats pretrain's default base)
-        try:
-            preset = json.loads(Path(args.config).read_text()).get("preset", "base")
-        except (OSError, ValueError, AttributeError):
-            preset = "base"
+    preset = preset_name(args.config)
     preset = preset if preset in DISTILL_PRESETS else "base"
     pretrain = _make(PretrainConfig, {"config": args.config, **preset_defaults(args.config)},
                      args.pretrain_options, {**run, **shared, "steps": args.steps},

@@ -45,6 +45,7 @@ from ..files import LOCK_NAME, atomic_write, folder_lock
 from . import loop
 from .distill import DistillConfig, distill
 from .finetune import FinetuneConfig, finetune
+from .logs import read_metrics
 from .pretrain import PretrainConfig, pretrain
 
 SETTINGS_FILE = "iterate.json"
@@ -215,8 +216,7 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} cannot be read ({e}): use another output folder") from None
         # More iterations continue a finished run; any other change is another run.
-        changed = sorted(k for k in set(saved) | set(settings)
-                         if k != "iterations" and saved.get(k) != settings.get(k))
+        changed = [k for k in _differences(saved, settings) if k != "iterations"]
         if changed:
             raise ValueError(f"{out_dir} holds an iterate run with other settings (differing: "
                              f"{', '.join(changed)}): give the same command to continue it, "
@@ -225,6 +225,18 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
             _write_json(path, settings)
         return
     _write_json(path, settings)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones as ``pretrain.steps``."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(prefix + key)
+    return keys
 
 
 def _teacher(stage: Stage, cfg: IterateConfig, out_dir: Path) -> Path:
@@ -266,20 +278,6 @@ def _run_stage(stage: Stage, cfg: IterateConfig, out_dir: Path,
     raise AssertionError(stage.kind)
 
 
-def _metrics(folder: Path) -> list[dict[str, Any]]:
-    lines = []
-    path = folder / loop.METRICS_FILE
-    if path.exists():
-        for text in path.read_text(errors="replace").splitlines():
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(line, dict):
-                lines.append(line)
-    return lines
-
-
 def _last(lines: list[dict[str, Any]], key: str) -> float | None:
     values = [line[key] for line in lines if isinstance(line.get(key), (int, float))]
     return float(values[-1]) if values else None
@@ -293,7 +291,7 @@ def summary(out_dir: Path, cfg: IterateConfig) -> list[dict[str, Any]]:
     A value is None when its stage has not run (or has no held-out audio)."""
     rows = []
     for k in range(1, cfg.iterations + 1):
-        pre = _metrics(out_dir / f"iter{k}" / "pretrain")
+        pre = read_metrics(out_dir / f"iter{k}" / "pretrain")
         row: dict[str, Any] = {
             "iteration": k,
             "tokenizer": "random" if k == 1 else f"distilled from iter{k - 1}"
@@ -305,7 +303,7 @@ def summary(out_dir: Path, cfg: IterateConfig) -> list[dict[str, Any]]:
             "codebook_usage": None, "probe_accuracy": None,
         }
         if k >= 2:
-            dis = _metrics(out_dir / f"iter{k}" / "distill")
+            dis = read_metrics(out_dir / f"iter{k}" / "distill")
             row["codebook_usage"] = (_last(dis, "val_codebook_usage")
                                      or _last(dis, "codebook_usage_recent"))
         probe = out_dir / f"iter{k}" / "probe" / STAGE_FILE

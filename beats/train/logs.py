@@ -16,6 +16,22 @@ METRICS_FILE = "metrics.jsonl"
 FAILED_FILE = "failed.jsonl"
 
 
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/metrics.jsonl`` in order ([] without one); a torn or
+    unreadable line (a run killed mid-write) is skipped."""
+    records = []
+    path = Path(out_dir) / METRICS_FILE
+    if path.exists():
+        for text in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
 class RunLog:
     """metrics.jsonl (+ TensorBoard when installed) on rank 0; the tqdm bar."""
 

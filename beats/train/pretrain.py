@@ -141,16 +141,21 @@ class PretrainConfig(UnlabelledConfig):
         return SSLConfig.from_dict(data)
 
 
+def preset_name(config: str) -> str | None:
+    """The preset that ``config`` names: itself, or a JSON file's ``preset`` key (``base``
+    when it has none); None when the file cannot be read as a JSON object."""
+    if config in PRESETS:
+        return config
+    try:
+        return json.loads(Path(config).read_text()).get("preset", "base")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def preset_defaults(config: str) -> dict[str, Any]:
     """Training settings of the preset that ``config`` names (a preset, or a JSON file
     whose ``preset`` key names one); {} when none applies."""
-    name = config
-    if config not in PRESETS:
-        try:
-            name = json.loads(Path(config).read_text()).get("preset", "base")
-        except (OSError, ValueError, AttributeError):
-            return {}
-    return dict(TRAINING_PRESETS.get(name, {}))
+    return dict(TRAINING_PRESETS.get(preset_name(config) or "", {}))
 
 
 # --------------------------------------------------------------------------- labels
