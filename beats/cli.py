@@ -32,6 +32,7 @@ SUBCOMMANDS: list[str] = [
 INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
+EXIT_DIVERGED = 4  # a training command's loss or gradient norm stopped being finite
 
 # Set BEATS_DEBUG=1 to see the traceback behind a one-line setup error too.
 DEBUG_ENV = "BEATS_DEBUG"
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _diverged(error: Exception) -> bool:
+    """Whether ``error`` is a training run's divergence (`beats.train.loop.TrainingError`);
+    the training package is only imported when a training command ran."""
+    train = sys.modules.get("beats.train.loop")
+    return train is not None and isinstance(error, train.TrainingError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # huggingface_hub logs each retry of an unreachable Hub; the final error says it all.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
@@ -69,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:
+        if _diverged(e):
+            print(f"beats {args.command}: error: {printable(str(e))}", file=sys.stderr)
+            return EXIT_DIVERGED
         message = setup_error(e, resumable=hasattr(args, "resume"))
         if message is None:
             traceback.print_exc()

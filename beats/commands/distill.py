@@ -20,8 +20,6 @@ from .training import (
     reparse_with_config_file,
 )
 
-EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
-
 
 def _decay(text: str) -> float:
     value = non_negative_float(text)
@@ -102,7 +100,6 @@ def build(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.distill import DistillConfig, distill
-    from ..train.loop import TrainingError
 
     args = reparse_with_config_file(args, "distill", build, lambda record: {
         "audio": record.get("audio"), "heldout": record.get("heldout") or None,
@@ -111,12 +108,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give AUDIO..., -o OUT and --teacher MODEL (or --config-file "
                          "OUT/config.json)")
     cfg = config_from_args(DistillConfig, args)
-    try:
-        result = distill(args.teacher, args.audio, cfg, args.output,
-                         heldout=args.heldout or (), teacher_name=args.teacher)
-    except TrainingError as e:  # other errors: one line from beats.cli (exit 2), or a bug
-        print(f"beats distill: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+    # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
+    result = distill(args.teacher, args.audio, cfg, args.output,
+                     heldout=args.heldout or (), teacher_name=args.teacher)
     if not args.quiet:
         out = Path(args.output)
         last = _last_line(out)

@@ -24,9 +24,6 @@ from .training import (
     reparse_with_config_file,
 )
 
-EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
-
-
 # (config field, flags, type, help). Defaults come from FinetuneConfig; --help shows them.
 OPTIONS: list[Option] = [
     ("epochs", ("--epochs",), positive_int, "passes over the training clips"),
@@ -109,7 +106,6 @@ def build(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
-    from ..train.loop import TrainingError
 
     args = reparse_with_config_file(args, "finetune", build, lambda record: {
         "data": record.get("data"), "model": record.get("model"),
@@ -118,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give DATA and -o OUT (or --config-file OUT/config.json)")
     cfg = config_from_args(FinetuneConfig, args)
     model = args.model or _default_model()
-    try:
-        result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
-    except TrainingError as e:  # other errors: one line from beats.cli (exit 2), or a bug
-        print(f"beats finetune: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+    # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
+    result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
     report = result.report
     if not args.quiet:
         for split in ("val", "test"):

@@ -12,7 +12,6 @@ from typing import Any
 from .arguments import non_negative_int, output_folder, positive_float, positive_int
 from .training import add_audio_arguments
 
-EXIT_DIVERGED = 4  # a stage's loss or gradient norm stopped being finite
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -178,11 +177,9 @@ def run(args: argparse.Namespace) -> int:
         result = iterate(args.audio, args.output, cfg, heldout=args.heldout or (),
                          probe_fn=probe(args.probe, args.seed, args.device, args.quiet)
                          if args.probe else None, on_stage=say)
-    except TrainingError as e:
-        print(f"beats iterate: error: {e} (finished stages are kept; a lower learning rate "
-              "through --pretrain-options or --distill-options needs a new -o)",
-              file=sys.stderr)
-        return EXIT_DIVERGED
+    except TrainingError as e:  # exit 4 in beats.cli, with what to do here
+        raise TrainingError(f"{e} (finished stages are kept; a lower learning rate through "
+                            "--pretrain-options or --distill-options needs a new -o)") from None
     if not args.quiet:
         print(format_summary(result.rows))
         print(f"summary saved to {Path(args.output) / 'summary.json'}", file=sys.stderr)

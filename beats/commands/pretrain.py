@@ -20,8 +20,6 @@ from .training import (
     reparse_with_config_file,
 )
 
-EXIT_DIVERGED = 4  # the loss or gradient norm stopped being finite
-
 
 def _options() -> list[Option]:
     """(config field, flags, type, help); defaults come from PretrainConfig (the spec's
@@ -113,7 +111,6 @@ def _with_preset_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.loop import TrainingError
     from ..train.pretrain import PretrainConfig, pretrain
 
     if args.config_file:
@@ -125,11 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.audio or not args.output:
         raise ValueError("give AUDIO and -o OUT (or --config-file OUT/config.json)")
     cfg = config_from_args(PretrainConfig, args)
-    try:
-        result = pretrain(args.audio, args.output, cfg, heldout=args.heldout or ())
-    except TrainingError as e:  # other errors: one line from beats.cli (exit 2), or a bug
-        print(f"beats pretrain: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+    # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
+    result = pretrain(args.audio, args.output, cfg, heldout=args.heldout or ())
     if not args.quiet:
         if result.heldout:
             h = result.heldout
