@@ -19,6 +19,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import InputError
+
 SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (
     ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
@@ -32,7 +34,7 @@ MAX_SAMPLE_RATE = 1_000_000
 BLOCK_FRAMES = 1 << 16  # frames decoded at a time (2 MB for 8 channels of float32)
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """An audio file that cannot be used; the message names the file and the reason."""
 
 

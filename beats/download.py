@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .errors import BeatsError
+
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
@@ -29,7 +31,7 @@ _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-class DownloadError(OSError):
+class DownloadError(BeatsError, OSError):
     """A download failed; the message says why and whether a retry will resume."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from .audio import AUDIO_EXTENSIONS
+from .errors import BeatsError
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
 LOCK_NAME = ".beats.lock"
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(BeatsError, RuntimeError):
     """Another process is writing into the same output folder."""
 
 

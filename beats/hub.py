@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache, registry
+from .errors import InputError
 from .serialization import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, read_config
 
 _PATH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json")
@@ -50,7 +51,7 @@ def offline_reason(local_files_only: bool = False) -> str | None:
     return None
 
 
-class ModelKindError(ValueError):
+class ModelKindError(InputError):
     """A tokenizer checkpoint loaded as an encoder, or the other way round."""
 
 

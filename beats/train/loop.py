@@ -81,6 +81,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..errors import InputError
 from ..files import FolderBusyError, atomic_write, folder_lock, remove_stale_temporaries
 from ..workers import worker_init
 from . import distributed, logs, state
@@ -93,7 +94,7 @@ MAX_SKIPPED = 20  # float16: consecutive overflowing steps before the run is giv
 METRICS_FILE = logs.METRICS_FILE
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run that cannot start (bad folder, settings that do not match a resumed run)."""
 
 
