@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 from .download import DownloadError, Probe, check_file
 from .registry import Source
@@ -27,25 +29,28 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SIZES = re.compile(r"should be of size (\d+) but has size (\d+)")
 
 
+def _hf() -> ModuleType:
+    """huggingface_hub, imported without the warning tqdm prints when it is imported in a
+    Jupyter kernel without ipywidgets ("IProgress not found"; its bars are text then)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import huggingface_hub.file_download  # (the submodule that imports tqdm)
+    return huggingface_hub
+
+
 def hub_endpoint() -> str:
     """The Hub in use: ``$HF_ENDPOINT`` now, else what huggingface_hub read at import."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (os.environ.get("HF_ENDPOINT") or _hf().constants.ENDPOINT).rstrip("/")
 
 
 def hub_cache() -> Path:
     """huggingface_hub's cache folder (``HF_HUB_CACHE``)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+    return Path(_hf().constants.HF_HUB_CACHE)
 
 
 def _url(source: Source) -> str:
-    from huggingface_hub import hf_hub_url
-
-    return hf_hub_url(source.repo_id, source.filename, repo_type=source.repo_type,
-                      revision=source.revision, endpoint=hub_endpoint())
+    return _hf().hf_hub_url(source.repo_id, source.filename, repo_type=source.repo_type,
+                            revision=source.revision, endpoint=hub_endpoint())
 
 
 def cause(error: BaseException) -> str:
@@ -81,9 +86,7 @@ def _fail(source: Source, why: str) -> DownloadError:
 def _listed_problem(source: Source, size: int | None, sha256: str | None) -> str | None:
     """Ask the Hub about the file (one HEAD request): why it cannot be the pinned file, or
     None. Raises huggingface_hub's and the network's errors."""
-    from huggingface_hub import get_hf_file_metadata
-
-    meta = get_hf_file_metadata(_url(source), timeout=METADATA_TIMEOUT)
+    meta = _hf().get_hf_file_metadata(_url(source), timeout=METADATA_TIMEOUT)
     if meta.commit_hash is None:
         return (f"{hub_endpoint()} did not answer as a Hugging Face Hub (no X-Repo-Commit "
                 "header): check HF_ENDPOINT")
@@ -103,7 +106,7 @@ def fetch(source: Source, *, size: int | None, sha256: str | None,
     (with ``cause``) when the Hub refuses, does not answer, or the file is not the pinned
     one; a wrong file is deleted from the cache first.
     """
-    from huggingface_hub import hf_hub_download
+    hf = _hf()
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     local_only = offline
@@ -121,7 +124,7 @@ def fetch(source: Source, *, size: int | None, sha256: str | None,
             if problem is not None:
                 raise _fail(source, problem + "; nothing was downloaded")
     try:
-        path = Path(hf_hub_download(
+        path = Path(hf.hf_hub_download(
             source.repo_id, source.filename, repo_type=source.repo_type,
             revision=source.revision, endpoint=hub_endpoint(), local_files_only=local_only,
         ))
@@ -155,10 +158,8 @@ def remove_cached(path: Path) -> None:
 
 def probe(source: Source, *, size: int | None, sha256: str | None) -> Probe:
     """Ask the Hub about ``source``'s file with one HEAD request; nothing is downloaded."""
-    from huggingface_hub import get_hf_file_metadata
-
     try:
-        meta = get_hf_file_metadata(_url(source), timeout=METADATA_TIMEOUT)
+        meta = _hf().get_hf_file_metadata(_url(source), timeout=METADATA_TIMEOUT)
     except Exception as e:  # the Hub's and the network's errors, whatever the versions
         return Probe(False, cause(e))
     if meta.commit_hash is None:

@@ -124,7 +124,7 @@ def obtain(
                   "either" if hub else "")
         raise NotCachedError(
             f"{entry.name} is not in the beats cache{where} and downloads are off "
-            f"({offline}){either}:\n" + _tried(failures)
+            f"({offline}){either}.\n" + _tried(failures)
             + f"\nRun once with network access, or: {way_out(entry)}"
         )
     network = all(any(mark in line for mark in _NETWORK) for line in failures)

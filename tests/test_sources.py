@@ -213,7 +213,7 @@ def test_hf_hub_offline_uses_a_verified_copy_in_the_hub_cache(hub, tmp_path, mon
     lines = str(err.value).splitlines()
     assert lines[0] == (f"Cold is not in the beats cache ({tmp_path / 'beats' / 'Cold'}) and "
                         "downloads are off (local_files_only=True); no verified copy is in the "
-                        f"Hugging Face cache ({hub_cache()}) either:")
+                        f"Hugging Face cache ({hub_cache()}) either.")
     assert lines[1] == (f"  tried {cold} (Hugging Face, main) Tiny.pt: not in the Hugging Face "
                         "cache;")
     assert lines[-1].startswith(f"Run once with network access, or: Open {PAGE} in a browser")
