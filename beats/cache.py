@@ -1,4 +1,4 @@
-"""The download cache of registry checkpoints.
+"""The beats cache of registry checkpoints, converted to safetensors.
 
 Layout, under ``cache_dir`` or ``$BEATS_CACHE`` (default ``$XDG_CACHE_HOME/beats``, that is
 ``~/.cache/beats``)::
@@ -7,27 +7,33 @@ Layout, under ``cache_dir`` or ``$BEATS_CACHE`` (default ``$XDG_CACHE_HOME/beats
         config.json
         model.safetensors
         labels.json                 fine-tuned models
-        source.json                 where it came from: url, sha256 and size of the .pt
-    .downloads/NAME.pt.part         a download in progress (resumed by the next try)
-    .locks/NAME.lock                held while NAME is downloaded and converted
+        source.json                 where the .pt came from, its sha256 and size, verified
+    .downloads/NAME.pt.part         a plain-URL download in progress
+    .locks/NAME.lock                held while NAME is downloaded, converted or imported
 
-A Microsoft ``.pt`` is downloaded once, converted once, and deleted; every later load reads
-the safetensors folder and never unpickles anything. The folder appears complete or not at
-all (it is built under a temporary name and renamed).
+A Microsoft ``.pt`` is obtained once (`beats.sources`: verified against the registry's
+pinned digest), converted once, and the converted folder is what every later load reads,
+without unpickling anything. A plain-URL download is deleted after conversion; a file from
+a Hugging Face mirror stays in the Hugging Face cache, as every Hub download does. The
+folder appears complete or not at all (it is built under a temporary name and renamed).
+
+A cached checkpoint is *verified* when the sha256 recorded in its ``source.json`` is the
+one the registry pins; a file imported with ``--name`` (no digest known) is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
 
-from .download import ChecksumError, DownloadError, download, sha256_file, short_url
+from . import mirrors, sources
 from .files import temporary_folder
 from .registry import RegistryEntry
 from .serialization import CONFIG_NAME, WEIGHTS_NAME
@@ -59,11 +65,53 @@ def is_cached(entry: RegistryEntry, cache_dir: str | Path | None = None) -> bool
 
 
 def read_source(entry: RegistryEntry, cache_dir: str | Path | None = None) -> dict | None:
-    """The ``source.json`` record of a cached entry (url, sha256, size), if any."""
+    """The ``source.json`` record of a cached entry (sha256, size, source, verified)."""
     try:
-        return json.loads((model_dir(entry, cache_dir) / SOURCE_NAME).read_text())
+        record = json.loads((model_dir(entry, cache_dir) / SOURCE_NAME).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def is_verified(entry: RegistryEntry, cache_dir: str | Path | None = None) -> bool:
+    """Whether ``entry`` is cached from a file whose sha256 is the registry's pinned one."""
+    record = read_source(entry, cache_dir) or {}
+    return (is_cached(entry, cache_dir) and entry.sha256 is not None
+            and record.get("sha256") == entry.sha256)
+
+
+@contextlib.contextmanager
+def locked(entry: RegistryEntry, cache_dir: str | Path | None = None) -> Iterator[Path]:
+    """Hold ``entry``'s lock in the cache (one download, conversion or import at a time);
+    yields the cache root."""
+    root = cache_root(cache_dir)
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".locks" / f"{entry.name}.lock")):
+        yield root
+
+
+def install(
+    entry: RegistryEntry,
+    cache_dir: str | Path | None,
+    write: Callable[[Path], None],
+    record: dict,
+) -> Path:
+    """Build ``entry``'s folder with ``write(folder)`` and ``record`` as its source.json, then
+    put it in place atomically (replacing an older one). The caller holds `locked`."""
+    root = cache_root(cache_dir)
+    target = model_dir(entry, cache_dir)
+    staging = temporary_folder(root, f".{entry.name}.")
+    try:
+        write(staging)
+        record = {"name": entry.name, **record,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (staging / SOURCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        if target.exists():  # an older or incomplete folder
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def fetch(
@@ -74,80 +122,60 @@ def fetch(
     convert: Callable[[Path, Path], None],
     progress: bool | None = None,
 ) -> Path:
-    """Return ``entry``'s cached folder, downloading and converting it first if needed.
+    """Return ``entry``'s cached folder, obtaining and converting its file first if needed.
 
     Args:
-        offline: None when downloads are allowed, else why not (for the error message).
+        offline: None when downloads are allowed, else why not (for the error message);
+            then only a verified copy in the Hugging Face cache can be converted.
         convert: ``convert(pt_path, out_dir)`` writes the save_pretrained files of a ``.pt``.
+
+    Raises `beats.sources.SourcesFailed` (a `DownloadError`) when no source gives the file,
+    with one line per source tried and the way to get the file by hand.
     """
     target = model_dir(entry, cache_dir)
     if is_cached(entry, cache_dir):
         return target
-    if offline is not None:
-        raise FileNotFoundError(
-            f"{entry.name} is not in the beats cache ({target}) and downloads are off "
-            f"({offline}). Load it once with network access to cache it, or download "
-            f"{short_url(entry.urls[0])} yourself and run `beats convert FILE {target}`"
-        )
-    root = cache_root(cache_dir)
-    (root / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".locks" / f"{entry.name}.lock")):
+    reason = sources.not_downloadable(entry)
+    if reason is not None:  # said before anything is written
+        raise sources.SourcesFailed(reason)
+    with locked(entry, cache_dir) as root:
         if is_cached(entry, cache_dir):  # another process finished it meanwhile
             return target
         try:
-            pt, url, digest = _download(entry, root / ".downloads" / f"{entry.name}.pt", progress)
-        except ChecksumError:
-            raise
-        except DownloadError as e:
-            raise DownloadError(
-                f"{e}. Check the network connection (and HTTPS_PROXY behind a proxy); on a "
-                f"machine without access, download {short_url(entry.urls[0])} elsewhere, copy "
-                f"it here and run `beats convert FILE {target}`"
-            ) from None
-        staging = temporary_folder(root, f".{entry.name}.")
-        try:
-            try:
-                convert(pt, staging)
-            except Exception as e:
-                pt.unlink(missing_ok=True)
-                raise ValueError(
-                    f"the download of {entry.name} ({short_url(url)}) cannot be used and was "
-                    f"deleted: {e}"
-                ) from e
-            record = {
-                "name": entry.name,
-                "url": short_url(url),
-                "sha256": digest,
-                "size": pt.stat().st_size,
-                "sha256_verified": entry.sha256 is not None,
-                "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            (staging / SOURCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-            if target.exists():  # an incomplete folder left by hand or by an old version
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            _obtain_and_install(entry, cache_dir, root, target, offline, convert, progress)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        pt.unlink()
+            with contextlib.suppress(OSError):
+                (root / ".downloads").rmdir()  # when empty
     return target
 
 
-def _download(entry: RegistryEntry, dest: Path, progress: bool | None) -> tuple[Path, str, str]:
-    """Download ``entry`` to ``dest`` from its first URL that works: (path, url, sha256)."""
-    if dest.is_file():  # downloaded earlier but not converted (interrupted between the two)
-        digest = sha256_file(dest)
-        if entry.sha256 is None or digest == entry.sha256:
-            return dest, entry.urls[0], digest
-        dest.unlink()
-    errors: list[DownloadError] = []
-    for url in entry.urls:
-        try:
-            digest = download(url, dest, sha256=entry.sha256, size=entry.size,
-                              progress=progress, desc=entry.name)
-            return dest, url, digest
-        except DownloadError as e:
-            errors.append(e)
-    if len(errors) == 1:
-        raise errors[0]
-    # Every mirror failed: keep the last error's type (a checksum error stays one).
-    raise type(errors[-1])(f"cannot download {entry.name}: " + "; ".join(map(str, errors)))
+def _obtain_and_install(
+    entry: RegistryEntry,
+    cache_dir: str | Path | None,
+    root: Path,
+    target: Path,
+    offline: str | None,
+    convert: Callable[[Path, Path], None],
+    progress: bool | None,
+) -> None:
+    got = sources.obtain(entry, root / ".downloads", offline=offline, progress=progress,
+                         target=target)
+    try:
+        record = {"sha256": entry.sha256, "size": got.path.stat().st_size,
+                  "verified": True, "source": got.origin, "how": "downloaded"}
+        install(entry, cache_dir, lambda out: convert(got.path, out), record)
+    except (MemoryError, OSError):
+        raise  # a full disk, say: the verified file is kept for the next try
+    except Exception as e:
+        _discard(got)
+        raise ValueError(f"the file of {entry.name} from {got.origin} matches the pinned "
+                         f"sha256 but cannot be used, and was deleted: {e}") from e
+    if got.temporary:
+        got.path.unlink(missing_ok=True)
+
+
+def _discard(got: sources.Obtained) -> None:
+    if got.temporary:
+        got.path.unlink(missing_ok=True)
+    else:
+        mirrors.remove_cached(got.path)

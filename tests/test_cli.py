@@ -57,7 +57,8 @@ def test_models_table_shows_default_and_cache(tmp_path, capsys):
     reference_model("postnorm_gru").save_pretrained(tmp_path / "BEATs_iter3")  # as if cached
     assert main(["models", "--cache-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "DEFAULT", "CACHED", "ALIASES"]
+    assert lines[0].split() == ["NAME", "KIND", "DEFAULT", "CACHED", "VERIFIED", "SOURCE",
+                                "DIGEST", "ALIASES"]
     rows = {line.split()[0]: line.split() for line in lines[1:20]}
     assert len(rows) == 19
     assert rows["BEATs_iter3_plus_AS2M"][1:4] == ["pretrained", "*", "no"]
@@ -121,9 +122,10 @@ def test_models_json(tmp_path, capsys):
     assert len(doc["models"]) == 10
     first = doc["models"][0]
     assert first["name"] == "BEATs_iter1_finetuned_on_AS2M_cpt1"
-    assert first["cached"] is False and first["sha256"] is None and first["license"] == "MIT"
+    assert first["cached"] is False and first["license"] == "MIT"
+    assert first["sha256"] == "e0e739e3670bfbb93c51adefb1d02981621397addc979d392aefd3dc53c22cab"
     assert first["cache_path"] == str(tmp_path / first["name"])
-    assert first["urls"][0].startswith("https://valle.blob.core.windows.net/share/BEATs/")
+    assert first["source"] == "browser" and first["browser_page"].startswith("https://1drv.ms/")
 
 
 def test_convert_writes_a_folder_that_loads_identically(tmp_path, waves, capsys):

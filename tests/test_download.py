@@ -1,4 +1,4 @@
-"""URL downloads against a local server: streaming, resume, restart, hashes, errors."""
+"""URL downloads against a local server: streaming, resume, restart, hashes, errors, probes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from beats.download import ChecksumError, DownloadError, download
+from beats.download import ChecksumError, DownloadError, check_file, download, probe_url
 
-from .servers import FileServer
+from .servers import AZURE_403, HTML_PAGE, FileServer
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -66,11 +66,90 @@ def test_wrong_sha256_deletes_the_file_and_names_both_hashes(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_wrong_size_deletes_the_file(tmp_path):
+def test_wrong_size_is_refused_before_the_body_is_read(tmp_path):
     with FileServer({"/f.pt": DATA}) as srv, pytest.raises(DownloadError) as err:
         download(srv.url + "/f.pt", tmp_path / "f.pt", size=len(DATA) + 1)
-    assert f"gave {len(DATA)} bytes where {len(DATA) + 1} were expected" in str(err.value)
+    assert err.value.cause == (f"wrong size: the server announces {len(DATA)} bytes, the "
+                               f"registry pins {len(DATA) + 1}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_size_announced_on_resume_deletes_the_part(tmp_path):
+    (tmp_path / "f.pt.part").write_bytes(DATA[:1000])  # resumed: the total is in Content-Range
+    with FileServer({"/f.pt": DATA[:5000]}) as srv, pytest.raises(DownloadError) as err:
+        download(srv.url + "/f.pt", tmp_path / "f.pt", size=6000)
+    assert err.value.cause == "wrong size: the server announces 5000 bytes, the registry pins 6000"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_azure_403_names_its_error_code_and_is_not_retried(tmp_path):
+    with FileServer({}, pages={"/share/f.pt": AZURE_403}) as srv, \
+            pytest.raises(DownloadError) as err:
+        download(srv.url + "/share/f.pt?sv=2020&sig=secret", tmp_path / "f.pt")
+    assert err.value.cause == "HTTP 403 AuthenticationFailed"
+    assert str(err.value) == f"{srv.url}/share/f.pt answered HTTP 403 AuthenticationFailed"
+    assert len(srv.requests) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_azure_error_code_is_read_from_the_xml_body(tmp_path):
+    page = AZURE_403.__class__(403, AZURE_403.body, "application/xml")  # no x-ms header
+    with FileServer({}, pages={"/f.pt": page}) as srv, pytest.raises(DownloadError) as err:
+        download(srv.url + "/f.pt", tmp_path / "f.pt")
+    assert err.value.cause == "HTTP 403 AuthenticationFailed"
+
+
+def test_html_page_is_refused_without_reading_it(tmp_path):
+    with FileServer({}, pages={"/f.pt": HTML_PAGE}) as srv, pytest.raises(DownloadError) as err:
+        download(srv.url + "/f.pt", tmp_path / "f.pt", sha256=SHA)
+    assert err.value.cause == "an HTML page (text/html), not a checkpoint"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_connection_cut_at_the_same_place_gives_up(tmp_path):
+    with FileServer({"/f.pt": DATA}, cut_at=1000) as srv:
+        with pytest.raises(DownloadError) as err:
+            download(srv.url + "/f.pt", tmp_path / "f.pt", retries=1)
+        ranges = [g.headers.get("Range") for g in srv.gets("/f.pt")]
+    assert ranges == [None, "bytes=1000-"]  # the second brought nothing: no more retries
+    assert err.value.cause == f"connection cut after 1000 of {len(DATA)} bytes"
+    assert "failed 2 times in a row" in str(err.value)
+
+
+def test_stalled_server_times_out(tmp_path):
+    with FileServer({"/f.pt": DATA}, stall=3) as srv, pytest.raises(DownloadError) as err:
+        download(srv.url + "/f.pt", tmp_path / "f.pt", retries=0, timeout=0.3)
+    assert err.value.cause == "timed out after 0.3 s, 0 bytes in"
+
+
+def test_check_file_names_html_then_size_then_digest(tmp_path):
+    f = tmp_path / "f.pt"
+    f.write_bytes(HTML_PAGE.body)
+    assert check_file(f, 10, "0" * 64) == "an HTML page, not a checkpoint"
+    f.write_bytes(DATA[:10])
+    assert check_file(f, 11, None) == "wrong size: 10 bytes, the registry pins 11"
+    sha10 = hashlib.sha256(DATA[:10]).hexdigest()
+    zeros = "0" * 64
+    assert check_file(f, 10, zeros) == f"sha256 mismatch: got {sha10}, the registry pins {zeros}"
+    assert check_file(f, 10, sha10) is None and check_file(f, None, None) is None
+
+
+def test_probe_asks_for_one_byte(tmp_path):
+    pages = {"/azure.pt": AZURE_403, "/page.pt": HTML_PAGE}
+    with FileServer({"/f.pt": DATA}, pages=pages) as srv:
+        good = probe_url(srv.url + "/f.pt", size=len(DATA))
+        wrong = probe_url(srv.url + "/f.pt", size=5)
+        azure = probe_url(srv.url + "/azure.pt")
+        html = probe_url(srv.url + "/page.pt")
+        missing = probe_url(srv.url + "/nope.pt")
+        ranges = {r.headers.get("Range") for r in srv.requests}
+    assert (good.ok, good.text, good.size) == (True, f"HTTP 206, {len(DATA)} bytes", len(DATA))
+    assert (wrong.ok, wrong.text) == (False, f"HTTP 206, {len(DATA)} bytes: wrong size, the "
+                                             "registry pins 5")
+    assert (azure.ok, azure.text) == (False, "HTTP 403 AuthenticationFailed")
+    assert (html.ok, html.text) == (False, "an HTML page (text/html), not a checkpoint")
+    assert (missing.ok, missing.text) == (False, "HTTP 404 Not Found")
+    assert ranges == {"bytes=0-0"}
 
 
 def test_http_error_is_reported_without_the_query_string(tmp_path):
@@ -87,6 +166,7 @@ def test_unreachable_server_gives_up_after_the_retries(tmp_path):
     with pytest.raises(DownloadError) as err:
         download(url, tmp_path / "f.pt", retries=2, timeout=5)
     assert "failed 3 times in a row" in str(err.value) and "cannot connect" in str(err.value)
+    assert err.value.cause.startswith("cannot connect: [Errno 111]")
     assert not (tmp_path / "f.pt").exists()
 
 

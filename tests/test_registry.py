@@ -9,34 +9,39 @@ import pytest
 from beats import BEATs, available_models
 from beats import registry as reg
 
-SPEC_QUERY = (
-    "?sv=2020-08-04&st=2023-03-01T07%3A51%3A05Z&se=2033-03-02T07%3A51%3A00Z&sr=c&sp=rl"
-    "&sig=QJXmSJG9DbMKf48UDIU1MfzIro8HQOf3sqlNXiflY1I%3D"
-)
 FT_CPT2 = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2"
-SPEC_NAMES = [
-    "BEATs_iter1", "BEATs_iter2", "BEATs_iter3", "BEATs_iter3_plus_AS2M",
-    "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt1", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2",
-]
 
 
 def test_bundled_registry_holds_the_released_files():
     entries = {e.name: e for e in reg.load_registry()}
     assert len(entries) == 19
-    for name in SPEC_NAMES:  # spec section 10, with its release URL pattern
-        assert entries[name].urls == (
-            f"https://valle.blob.core.windows.net/share/BEATs/{name}.pt{SPEC_QUERY}",
-        )
     kinds = [e.kind for e in entries.values()]
     assert [kinds.count(k) for k in ("pretrained", "fine-tuned", "tokenizer")] == [5, 10, 4]
     for e in entries.values():
-        assert e.sha256 is None and e.size is None  # not verified here: never invented
         assert e.license == "MIT"
         assert e.description and "\n" not in e.description
-        assert e.urls[0].startswith("https://valle.blob.core.windows.net/share/BEATs/"
-                                    f"{e.name}.pt?")
+        assert e.pinned == (e.kind != "tokenizer")  # no digest is known for the tokenizers
+        pages = [s for s in e.sources if s.type == "browser"]
+        assert len(pages) == 1 and pages[0].url.startswith("https://1drv.ms/u/s!")
+        assert e.sources[-1] == pages[0]  # the browser page comes last
+        assert e.urls == ()  # no plain address: Microsoft's Azure links are withdrawn
     assert [e.name for e in entries.values() if e.default] == ["BEATs_iter3_plus_AS2M"]
     assert reg.default_model().name == "BEATs_iter3_plus_AS2M"
+    scripted = sorted(e.name for e in entries.values() if e.scripted_sources)
+    assert scripted == ["BEATs_iter3", "BEATs_iter3_finetuned_on_AS2M_cpt1",
+                        "BEATs_iter3_plus_AS2M", FT_CPT2]
+    # the tokenizer's mirror is listed, but nothing unpinned is fetched by beats
+    tokenizer = entries["Tokenizer_iter3_plus_AS2M"]
+    assert tokenizer.sources[0].repo_id == "AustinZhang/resp-agent-models"
+    assert tokenizer.scripted_sources == ()
+    assert tokenizer.architecture == {"input_patch_size": 16, "encoder_layers": 12,
+                                      "encoder_embed_dim": 768, "quant_n": 1024, "quant_dim": 256}
+
+
+def test_bundled_registry_no_longer_names_the_withdrawn_azure_links():
+    text = reg.registry_path().read_text()
+    assert "valid until 2033" not in text and "2033" not in text
+    assert "blob.core.windows.net" not in text
 
 
 def test_available_models():
@@ -88,9 +93,9 @@ def test_alias_typo_suggests_alias_with_its_name():
     )
 
 
-def _write(tmp_path, models):
+def _write(tmp_path, models, version=1):
     path = tmp_path / "registry.json"
-    path.write_text(json.dumps({"format_version": 1, "models": models}))
+    path.write_text(json.dumps({"format_version": version, "models": models}))
     return path
 
 
@@ -99,12 +104,42 @@ def _model(name, **kw):
             "sha256": None, "size": None, "license": "MIT", "description": "d", **kw}
 
 
+def _model2(name, **kw):
+    return {"name": name, "kind": "pretrained", "sha256": "ab" * 32, "size": 10,
+            "sources": [{"type": "browser", "url": "https://example.org/page"}], **kw}
+
+
 def test_registry_override_by_environment(tmp_path, monkeypatch):
     path = _write(tmp_path, [_model("Mine", default=True, aliases=["m"])])
     monkeypatch.setenv("BEATS_REGISTRY", str(path))
     assert available_models() == ["Mine"]
     assert reg.find("M").name == "Mine"
     assert reg.registry_path() == path
+
+
+def test_format_1_urls_become_url_sources(tmp_path):
+    entry, = reg.load_registry(_write(tmp_path, [_model("A", sha256="cd" * 32)]))
+    assert entry.sources == (reg.Source(type="url", url="http://127.0.0.1:9/A.pt"),)
+    assert entry.scripted_sources == entry.sources and entry.pinned and entry.size is None
+    unpinned, = reg.load_registry(_write(tmp_path, [_model("B")]))
+    assert unpinned.scripted_sources == ()  # never fetched without a digest
+
+
+def test_format_2_sources_in_order(tmp_path):
+    sources = [
+        {"type": "huggingface", "repo_id": "a/b", "repo_type": "dataset", "filename": "x/A.pt",
+         "revision": "0123456789abcdef0123456789abcdef01234567", "note": "cited"},
+        {"type": "url", "url": "https://example.org/A.pt?sig=secret"},
+        {"type": "huggingface", "repo_id": "c/d", "filename": "A.pt", "revision": None},
+        {"type": "browser", "url": "https://example.org/share"},
+    ]
+    entry, = reg.load_registry(_write(tmp_path, [_model2("A", sources=sources)], version=2))
+    assert [s.type for s in entry.sources] == ["huggingface", "url", "huggingface", "browser"]
+    assert [s.label() for s in entry.sources] == [
+        "a/b (Hugging Face dataset, 0123456789ab) x/A.pt", "https://example.org/A.pt",
+        "c/d (Hugging Face, main) A.pt", "https://example.org/share (browser only)"]
+    assert entry.scripted_sources == entry.sources[:3]
+    assert entry.browser_page == "https://example.org/share"
 
 
 @pytest.mark.parametrize("models, message", [
@@ -118,6 +153,27 @@ def test_registry_override_by_environment(tmp_path, monkeypatch):
 def test_malformed_registry_is_refused(tmp_path, models, message):
     with pytest.raises(ValueError, match=message):
         reg.load_registry(_write(tmp_path, models))
+
+
+@pytest.mark.parametrize("entry, message", [
+    (_model2("A", size=None), "must give both sha256 and size, or neither"),
+    (_model2("A", sources=[]), "needs at least one source"),
+    (_model2("A", sources=[{"type": "ftp", "url": "ftp://x"}]), "source type 'ftp'"),
+    (_model2("A", sources=[{"type": "url", "url": "file:///etc/passwd"}]), "needs an http"),
+    (_model2("A", sources=[{"type": "huggingface", "repo_id": "nobody", "filename": "A.pt"}]),
+     r"needs repo_id \(owner/name\)"),
+    (_model2("A", sources=[{"type": "huggingface", "repo_id": "a/b", "filename": "A.pt",
+                            "repo_type": "bucket"}]), "repo_type 'bucket'"),
+    (_model2("../A"), "must be a non-empty file name"),
+])
+def test_malformed_format_2_entry_is_refused(tmp_path, entry, message):
+    with pytest.raises(ValueError, match=message):
+        reg.load_registry(_write(tmp_path, [entry], version=2))
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="format_version 3 is not one beats reads"):
+        reg.load_registry(_write(tmp_path, [_model2("A")], version=3))
 
 
 def test_missing_registry_file(tmp_path, monkeypatch):

@@ -1,4 +1,8 @@
-"""Registry names: download from a local server, convert once into the cache, offline use."""
+"""Registry names: download from a local server, convert once into the cache, offline use.
+
+The registries here are format 1 (a ``urls`` list per entry, as ``BEATS_REGISTRY`` files
+written for earlier versions are): they still load and download, verified.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import json
 import pickle
 from pathlib import Path
 
+import huggingface_hub.constants  # noqa: F401  read now, from conftest's environment
 import pytest
 import torch
 
 from beats import BEATs, BEATsTokenizer
-from beats.download import ChecksumError
+from beats.sources import NotCachedError, SourcesFailed
 
 from .conftest import REFERENCE, reference_model
 from .servers import FileServer
@@ -26,7 +31,7 @@ def _sha(data: bytes) -> str:
 
 
 def _registry(tmp_path: Path, url: str, **overrides) -> Path:
-    """A registry of the reference checkpoints served at ``url``."""
+    """A format-1 registry of the reference checkpoints served at ``url``, digests pinned."""
     def entry(name, file, kind, **kw):
         return {"name": name, "kind": kind, "urls": [f"{url}/share/{file}.pt?sig=x"],
                 "sha256": _sha(FILES[file]), "size": len(FILES[file]), "license": "MIT",
@@ -34,7 +39,7 @@ def _registry(tmp_path: Path, url: str, **overrides) -> Path:
 
     models = [
         entry("Tiny_finetuned", "finetuned", "fine-tuned", aliases=["tiny-ft"]),
-        entry("Tiny", "postnorm_gru", "pretrained", default=True, sha256=None, size=None),
+        entry("Tiny", "postnorm_gru", "pretrained", default=True),
         entry("Tiny_tokenizer", "tokenizer", "tokenizer"),
     ]
     path = tmp_path / "registry.json"
@@ -69,9 +74,9 @@ def test_registry_download_is_converted_once_and_reloads_without_network(
         "Tiny_finetuned/model.safetensors", "Tiny_finetuned/source.json",
     ]
     source = json.loads((cache / "Tiny_finetuned" / "source.json").read_text())
-    assert source["sha256"] == _sha(FILES["finetuned"]) and source["sha256_verified"] is True
+    assert source["sha256"] == _sha(FILES["finetuned"]) and source["verified"] is True
     assert source["size"] == len(FILES["finetuned"])
-    assert source["url"] == f"{mirror.url}/share/finetuned.pt"
+    assert source["source"] == f"{mirror.url}/share/finetuned.pt"  # no signature
     mirror.close()  # later loads need no server
     again = BEATs.from_pretrained("Tiny_finetuned", cache_dir=cache)
     assert_same_model(first, again, waves["wav.2"])
@@ -82,8 +87,22 @@ def test_default_cache_is_beats_cache_env(mirror, tmp_path, monkeypatch):
     BEATs.from_pretrained("default")
     assert (tmp_path / "env-cache" / "Tiny" / "model.safetensors").is_file()
     source = json.loads((tmp_path / "env-cache" / "Tiny" / "source.json").read_text())
-    assert source["sha256"] == _sha(FILES["postnorm_gru"])  # recorded though not known
-    assert source["sha256_verified"] is False
+    assert source["sha256"] == _sha(FILES["postnorm_gru"]) and source["verified"] is True
+
+
+def test_entry_without_a_pinned_digest_is_never_downloaded(tmp_path, monkeypatch):
+    with FileServer({"/share/postnorm_gru.pt": FILES["postnorm_gru"]}) as srv:
+        registry = _registry(tmp_path, srv.url, Tiny={"sha256": None, "size": None})
+        monkeypatch.setenv("BEATS_REGISTRY", str(registry))
+        with pytest.raises(SourcesFailed) as err:
+            BEATs.from_pretrained("Tiny", cache_dir=tmp_path / "c")
+        assert srv.requests == []
+    assert str(err.value) == (
+        "Tiny has no pinned sha256 in the registry, so beats does not download it (a file from "
+        "a mirror is trusted only through its digest). Get Tiny.pt by other means, then run "
+        "`beats models --import FILE --name Tiny` (no digest is known: its structure is "
+        "checked and it is marked unverified)")
+    assert not (tmp_path / "c").exists()
 
 
 def test_connection_cut_mid_download_is_resumed(mirror, tmp_path, waves):
@@ -101,11 +120,15 @@ def test_wrong_hash_in_registry_deletes_the_download(tmp_path, monkeypatch):
     with FileServer({"/share/finetuned.pt": FILES["finetuned"]}) as srv:
         registry = _registry(tmp_path, srv.url, Tiny_finetuned={"sha256": wrong})
         monkeypatch.setenv("BEATS_REGISTRY", str(registry))
-        with pytest.raises(ChecksumError) as err:
+        with pytest.raises(SourcesFailed) as err:
             BEATs.from_pretrained("Tiny_finetuned", cache_dir=tmp_path / "c")
-    text = str(err.value)
-    assert f"expected {wrong}, got {_sha(FILES['finetuned'])}" in text
-    assert "was deleted" in text
+    assert str(err.value).splitlines() == [
+        "cannot download Tiny_finetuned; every source failed:",
+        f"  tried {srv.url}/share/finetuned.pt: sha256 mismatch: got "
+        f"{_sha(FILES['finetuned'])}, the registry pins {wrong};",
+        "Get Tiny_finetuned.pt by other means, then run `beats models --import FILE` (the "
+        "file is checked against the pinned sha256)",
+    ]
     assert _cache_files(tmp_path / "c") == [".locks/Tiny_finetuned.lock"]
 
 
@@ -127,11 +150,16 @@ def test_offline_with_a_cold_cache_says_what_is_missing(mirror, tmp_path, monkey
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError) as err:
         BEATs.from_pretrained("Tiny", cache_dir=tmp_path / "c", local_files_only=how != "env")
-    text = str(err.value)
-    assert f"Tiny is not in the beats cache ({tmp_path / 'c' / 'Tiny'})" in text
-    assert ("HF_HUB_OFFLINE is set" if how == "env" else "local_files_only=True") in text
-    assert f"download {mirror.url}/share/postnorm_gru.pt yourself" in text
-    assert "beats convert FILE" in text
+    assert isinstance(err.value, NotCachedError)
+    lines = str(err.value).splitlines()
+    reason = "HF_HUB_OFFLINE is set" if how == "env" else "local_files_only=True"
+    assert lines[0].startswith(f"Tiny is not in the beats cache ({tmp_path / 'c' / 'Tiny'}) "
+                               f"and downloads are off ({reason})")
+    assert lines[1] == f"  tried {mirror.url}/share/postnorm_gru.pt: not tried, downloads are off;"
+    assert lines[2] == ("Run once with network access, or: Get Tiny.pt by other means, then run "
+                        "`beats models --import FILE` (the file is checked against the pinned "
+                        "sha256)")
+    assert "yourself" not in str(err.value)  # no address is offered as advice
     assert mirror.requests == []
 
 
@@ -153,13 +181,15 @@ def test_revision_is_refused_for_registry_names(mirror, tmp_path):
 
 
 def test_corrupt_download_is_deleted_and_named(tmp_path, monkeypatch):
-    data = FILES["postnorm_gru"][:50000]
+    data = FILES["postnorm_gru"][:50000]  # a registry that pins a broken file
     with FileServer({"/share/postnorm_gru.pt": data}) as srv:
-        monkeypatch.setenv("BEATS_REGISTRY", str(_registry(tmp_path, srv.url)))
+        pinned = {"sha256": _sha(data), "size": len(data)}
+        monkeypatch.setenv("BEATS_REGISTRY", str(_registry(tmp_path, srv.url, Tiny=pinned)))
         with pytest.raises(ValueError) as err:
             BEATs.from_pretrained("Tiny", cache_dir=tmp_path / "c")
     text = str(err.value)
-    assert "the download of Tiny" in text and "was deleted" in text
+    assert text.startswith(f"the file of Tiny from {srv.url}/share/postnorm_gru.pt matches the "
+                           "pinned sha256 but cannot be used, and was deleted: ")
     assert "Tiny.pt is truncated or corrupt" in text
     assert _cache_files(tmp_path / "c") == [".locks/Tiny.lock"]
 
@@ -177,8 +207,10 @@ def test_code_carrying_download_is_refused_without_running_it(tmp_path, monkeypa
     evil = tmp_path / "evil.pt"
     ckpt = torch.load(REFERENCE / "postnorm_gru.pt", weights_only=True)
     torch.save({**ckpt, "x": _Payload()}, evil, pickle_protocol=2)
-    with FileServer({"/share/postnorm_gru.pt": evil.read_bytes()}) as srv:
-        monkeypatch.setenv("BEATS_REGISTRY", str(_registry(tmp_path, srv.url)))
+    data = evil.read_bytes()
+    with FileServer({"/share/postnorm_gru.pt": data}) as srv:
+        pinned = {"sha256": _sha(data), "size": len(data)}  # even a pinned file is not run
+        monkeypatch.setenv("BEATS_REGISTRY", str(_registry(tmp_path, srv.url, Tiny=pinned)))
         with pytest.raises(ValueError, match="would run code") as err:
             BEATs.from_pretrained("Tiny", cache_dir=tmp_path / "c")
     assert "was deleted" in str(err.value)
@@ -191,5 +223,5 @@ def test_code_carrying_download_is_refused_without_running_it(tmp_path, monkeypa
 def test_http_error_names_the_url(tmp_path, monkeypatch):
     with FileServer({}) as srv:
         monkeypatch.setenv("BEATS_REGISTRY", str(_registry(tmp_path, srv.url)))
-        with pytest.raises(OSError, match=r"/share/postnorm_gru\.pt answered HTTP 404"):
+        with pytest.raises(OSError, match=r"tried .*/share/postnorm_gru\.pt: HTTP 404 Not Found;"):
             BEATs.from_pretrained("Tiny", cache_dir=tmp_path / "c")
