@@ -7,9 +7,12 @@ later blocks use the files its earlier blocks wrote, which per-block runners do 
 - Each page runs in its own folder, its blocks in order. The folder starts with
   ``my_audio/`` (speech, tones and noise made with espeak-ng and sox) and ``sounds/`` (one
   subfolder per class); getting-started.md shows how to make such folders.
-- ``python`` blocks run in this process, in one namespace per page (like a notebook);
-  ``bash`` blocks run in bash (``set -euo pipefail``) with the installed ``beats`` on PATH.
-  Other fences (``text``, ``json``, ...) show output or data and are not run.
+- ``python`` blocks run in this process, in one namespace per page (like a notebook).
+  In ``bash`` blocks, a plain ``beats ARGS`` line runs through ``beats.cli.main`` in this
+  process (the installed script's own function, without a new interpreter and torch
+  import per command); every other line runs in bash (``set -euo pipefail``) with the
+  installed ``beats`` on PATH. Other fences (``text``, ``json``, ...) show output or data
+  and are not run.
 - A block right after a ``<!-- skip: REASON -->`` line is not run; the reason is
   required (GPUs, many machines, the internet).
 - ``pip install ...`` commands are not run: the tests run in the environment those
@@ -23,8 +26,10 @@ later blocks use the files its earlier blocks wrote, which per-block runners do 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -229,6 +234,64 @@ def example_world(tmp_path_factory):
     server.close()
 
 
+_SHELL = re.compile(r"[|;&<>$`(){}*?\\]")
+
+
+def shell_steps(code: str) -> list[tuple[str, str]]:
+    """A bash block as steps in order: ("beats", ARGS) for a plain ``beats ARGS`` line,
+    ("bash", LINES) for the rest. ``pip install ...`` (alone or before ``&&``) is dropped."""
+    lines, steps = [], []
+    for raw in code.replace("\\\n", " ").splitlines():
+        line = PIP.sub("", raw).strip().removeprefix("&&").strip()
+        if not line:
+            continue
+        words = line.split("#")[0].strip()
+        if raw[:1] not in " \t" and words.startswith("beats ") and not _SHELL.search(words):
+            if lines:
+                steps.append(("bash", "\n".join(lines)))
+                lines = []
+            steps.append(("beats", words.removeprefix("beats ")))
+        else:
+            lines.append(raw)
+    if lines:
+        steps.append(("bash", "\n".join(lines)))
+    return steps
+
+
+def test_shell_steps_split_beats_lines_from_the_rest():
+    code = ("pip install -e . && beats extract a/ -o b/   # embed\n"
+            "mkdir -p x\nfor i in 1 2; do\n  beats tag x/$i.wav\ndone\n"
+            "beats finetune s/ -o f \\\n    --epochs 2\nbeats models | head -3\n")
+    assert shell_steps(code) == [
+        ("beats", "extract a/ -o b/"),
+        ("bash", "mkdir -p x\nfor i in 1 2; do\n  beats tag x/$i.wav\ndone"),
+        ("beats", "finetune s/ -o f      --epochs 2"),
+        ("bash", "beats models | head -3"),
+    ]
+
+
+def _run_beats(args: str, where: str) -> None:
+    """``beats ARGS`` through `beats.cli.main` in this process: the installed script's
+    code, without a new interpreter and torch import per command (seconds each)."""
+    import shlex
+
+    import torch
+
+    from beats.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(shlex.split(args))
+    except SystemExit as e:  # argparse refused the arguments
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    print(out.getvalue(), end="")
+    assert code == 0, f"{where}: beats {args} exited {code}\n{out.getvalue()}{err.getvalue()}"
+
+
 @pytest.mark.parametrize("page", pages(), ids=_name)
 def test_examples_run(page, example_world, monkeypatch):
     runnable = [b for b in blocks(page) if b.lang in RUN and b.skip is None]
@@ -248,11 +311,16 @@ def test_examples_run(page, example_world, monkeypatch):
         where = f"{b.page}:{b.line}"
         if b.lang == "python":
             exec(compile(b.code, where, "exec"), namespace)
+            steps = []
         else:
-            code = PIP.sub(lambda m: f"{m.group(1)} true", b.code)
-            run = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder,
+            steps = shell_steps(b.code)
+        for kind, text in steps:
+            if kind == "beats":
+                _run_beats(text, where)
+                continue
+            run = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=folder,
                                  env=shell_env, capture_output=True, text=True, timeout=600)
             assert run.returncode == 0, (
-                f"{where} exited {run.returncode}\n{b.code}\n--- stdout\n{run.stdout}\n"
+                f"{where} exited {run.returncode}\n{text}\n--- stdout\n{run.stdout}\n"
                 f"--- stderr\n{run.stderr}")
         print(f"{where}: {b.lang} block ran in {time.perf_counter() - start:.1f} s")
