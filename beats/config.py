@@ -54,7 +54,39 @@ class BEATsConfig:
     ``cfg`` dict maps onto it one to one. One default differs: ``input_patch_size`` is 16
     (Microsoft's placeholder -1 is not a usable value; every released model uses 16).
     ``quant_n`` and ``quant_dim`` are the acoustic tokenizer's codebook size and width;
-    encoder checkpoints leave them at their defaults.
+    encoder checkpoints leave them at their defaults. See docs/design/architecture.md.
+
+    Attributes:
+        input_patch_size: filterbank patch side, frames and mel bins (16).
+        embed_dim: E, the patch embedding's width.
+        conv_bias: whether the patch convolution has a bias.
+        encoder_layers: L, Transformer layers.
+        encoder_embed_dim: C, the encoder's width.
+        encoder_ffn_embed_dim: the feed-forward layers' inner width.
+        encoder_attention_heads: H, attention heads (C must divide by H).
+        activation_fn: the feed-forward activation: ``gelu``, ``gelu_accurate``, ``relu``,
+            ``tanh``, ``linear`` or ``glu``.
+        layer_wise_gradient_decay_ratio: gradient scale between layers in training (1: off).
+        layer_norm_first: pre-norm layers (True) or post-norm layers (False).
+        deep_norm: post-norm residuals scaled by (2 L) ** 0.25.
+        dropout, attention_dropout, activation_dropout, dropout_input: dropout
+            probabilities in training (residual branches, attention weights, inside the
+            feed-forward layer, after the patch embedding).
+        encoder_layerdrop: probability of skipping a layer in training.
+        conv_pos, conv_pos_groups: kernel size and groups of the positional convolution.
+        relative_position_embedding: add the relative position bias to attention scores.
+        num_buckets, max_distance: relative position buckets, and the offset beyond which
+            all share the last bucket.
+        gru_rel_pos: scale the position bias by the query-dependent gate.
+        finetuned_model: the model has a class head (``predictor``).
+        predictor_dropout: dropout before the class head in training.
+        predictor_class: classes of the class head.
+        predictor_activation: how ``probs`` come from the logits: ``sigmoid`` (multi-label,
+            the released models) or ``softmax`` (single-label fine-tunes).
+        quant_n, quant_dim: a tokenizer's codebook size and code width.
+        quant_noise, quant_noise_block_size: quantisation noise on the attention
+            projections in training, and its block size (0: off).
+        fbank_mean, fbank_std: the filterbank normalisation (x - mean) / (2 std).
     """
 
     input_patch_size: int = 16

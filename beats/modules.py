@@ -1,4 +1,8 @@
-"""Small building blocks of the BEATs encoder (spec sections 4, 5 and 9)."""
+"""Small building blocks of the BEATs encoder.
+
+See docs/design/architecture.md: Encoder input, Layers, Quantisation noise and gradient
+scaling.
+"""
 
 from __future__ import annotations
 
@@ -208,7 +212,7 @@ def _check_quant_noise(weight: torch.Tensor, p: float, block_size: int) -> None:
 
 
 def quant_noise(module: nn.Module, p: float, block_size: int) -> nn.Module:
-    """Quantisation noise for a Linear or Conv2d (spec section 9).
+    """Quantisation noise for a Linear or Conv2d (docs/design/architecture.md).
 
     Returns a module of the same kind whose training forward drops random blocks of
     ``block_size`` input weights with probability ``p`` and scales the rest by 1/(1-p).

@@ -1,11 +1,13 @@
-"""The BEATs tokenizer's vector quantiser: cosine codebook with EMA updates (spec section 11).
+"""The BEATs tokenizer's vector quantiser: cosine codebook with EMA updates (see
+docs/design/architecture.md, Acoustic tokenizer).
 
-Inference is a nearest-code lookup. Training (training spec section 4) follows Microsoft's
-``NormEMAVectorQuantizer``: codes and inputs are unit vectors; the codebook is not trained
-by gradients but moved by an exponential moving average of the vectors assigned to each
-code, with the statistics summed over every distributed rank (so every rank holds the same
-codebook, equal to one process seeing the whole batch); a codebook whose ``initted`` flag
-is 0 is first set by spherical k-means on the first training batch.
+Inference is a nearest-code lookup. Training (docs/design/training.md, Tokenizer
+distillation) follows Microsoft's ``NormEMAVectorQuantizer``: codes and inputs are unit
+vectors; the codebook is not trained by gradients but moved by an exponential moving
+average of the vectors assigned to each code, with the statistics summed over every
+distributed rank (so every rank holds the same codebook, equal to one process seeing the
+whole batch); a codebook whose ``initted`` flag is 0 is first set by spherical k-means on
+the first training batch.
 
 Distributed k-means: every rank's vectors of that first batch are gathered (in rank order,
 so 2 ranks see exactly what 1 rank seeing both halves sees); rank 0 runs k-means with its

@@ -1,4 +1,7 @@
-"""`BEATsTokenizer`: BEATs' acoustic tokenizer, audio -> discrete tokens (spec section 11)."""
+"""`BEATsTokenizer`: BEATs' acoustic tokenizer, audio -> discrete tokens.
+
+See docs/design/architecture.md, Acoustic tokenizer.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@
 3. Probes each iteration's model ``--probe-seeds`` times (other stratified splits, the
    embeddings computed once): test accuracy mean and range.
 
-At base size on GPUs (what the paper's gain needs; see the README)::
+At base size on GPUs (what the paper's gain needs; see docs/performance/benchmarks.md)::
 
     python benchmarks/iteration_evidence.py runs/base --config base --corpus /data/audio \\
         -- --device cuda --dtype bfloat16

@@ -1,4 +1,5 @@
-"""Training BEATs: fine-tuning, self-supervised pre-training and tokenizer distillation.
+"""Training BEATs: fine-tuning, self-supervised pre-training, tokenizer distillation and
+the whole iteration.
 
 Everything here builds on the inference package (`beats.model`, `beats.encoder`, ...)
 without changing its layers; nothing in ``beats`` outside this subpackage imports it.
@@ -9,7 +10,9 @@ from .config import TrainConfig
 from .data import Clip, ClipDataset
 from .distill import DistillConfig, DistillResult, distill
 from .finetune import FinetuneConfig, FinetuneResult, LabelledClips, finetune
+from .iterate import IterateConfig, IterateResult, iterate
 from .loop import FitResult, RunError, Task, TrainingError, fit
+from .pretrain import PretrainConfig, PretrainResult, pretrain
 
 __all__ = [
     "Clip",
@@ -19,7 +22,11 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "FitResult",
+    "IterateConfig",
+    "IterateResult",
     "LabelledClips",
+    "PretrainConfig",
+    "PretrainResult",
     "RunError",
     "Task",
     "TrainConfig",
@@ -27,4 +34,6 @@ __all__ = [
     "distill",
     "finetune",
     "fit",
+    "iterate",
+    "pretrain",
 ]

@@ -36,6 +36,7 @@ class TrainConfig:
         lr: peak learning rate (AdamW); each parameter group scales it (layer-wise decay).
         schedule: after warm-up, ``cosine`` or ``linear`` decay to 0, or ``constant``.
         warmup_steps: linear warm-up steps; 0 uses ``warmup_ratio`` of all steps.
+        warmup_ratio: warm-up as a share of all steps, when ``warmup_steps`` is 0.
         weight_decay, betas, eps: AdamW's (decay is not applied to biases and norms).
         clip_norm: global gradient-norm clip (0: off).
         dtype: autocast dtype (weights stay float32); float16 adds loss scaling.

@@ -1,4 +1,5 @@
-"""The tokenizer-distillation model (training spec section 4): student, estimator, targets.
+"""The tokenizer-distillation model: student, estimator, targets (see
+docs/design/training.md, Tokenizer distillation).
 
 `TokenizerDistiller` is a student `BEATsTokenizer` (encoder over the full, unmasked patch
 sequence, ``quantize_layer``, EMA codebook) and an `Estimator` (Linear quant_dim ->
@@ -54,7 +55,7 @@ from .blocks import TransformerStack
 TARGETS = ("auto", "features", "logits")
 
 # The released models' layout (deep norm, GRU-gated relative positions, E != C) with the
-# training settings of the spec; presets only change sizes. Codebook: 1024 codes of 256.
+# training settings of the original recipe; presets only change sizes. Codebook: 1024 codes of 256.
 _LAYOUT: dict[str, Any] = dict(
     deep_norm=True, relative_position_embedding=True, gru_rel_pos=True, num_buckets=320,
     max_distance=800, layer_wise_gradient_decay_ratio=1.0, dropout=0.1,

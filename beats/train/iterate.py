@@ -1,4 +1,5 @@
-"""The BEATs iteration (training spec section 1) as one resumable run: ``beats iterate``.
+"""The BEATs iteration as one resumable run: ``beats iterate`` (see docs/design/training.md,
+The iteration).
 
 ``iterate(audio, out_dir, IterateConfig(...))`` runs, for iterations k = 1..N::
 

@@ -1,4 +1,5 @@
-"""Which patches pre-training hides: per-clip uniform random masking (training spec 3).
+"""Which patches pre-training hides: per-clip uniform random masking (see
+docs/design/training.md, Masked pre-training).
 
 The data pipeline draws each clip's mask from the clip's own generator (seeded by seed,
 epoch and index), so masks do not depend on workers, ranks or resumes; the batch then

@@ -1,4 +1,5 @@
-"""The iteration-1 label source: a frozen random-projection tokenizer (training spec 2).
+"""The iteration-1 label source: a frozen random-projection tokenizer (see
+docs/design/training.md, Random-projection tokenizer).
 
 A patch's label is the code nearest to a random projection of the patch. It is built as
 an ordinary `BEATsTokenizer` (so it saves, loads and runs ``beats tokenize`` like any

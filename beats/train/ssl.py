@@ -1,4 +1,5 @@
-"""The self-supervised BEATs model: masked acoustic-token prediction (training spec 3).
+"""The self-supervised BEATs model: masked acoustic-token prediction (see
+docs/design/training.md, Masked pre-training).
 
 `BEATsForPretraining` holds a `BEATs` encoder (``backbone``, exported alone as an
 ordinary BEATs checkpoint) and a label predictor. A step, for a batch whose masks and
@@ -32,7 +33,8 @@ from ..model import BEATs, check_fbank
 from .blocks import TransformerStack
 from .masking import check_ratio, kept_patches
 
-# The released architecture (spec A.10) with pre-training's dropouts [ESPnet].
+# The released architecture (docs/design/architecture.md, Checkpoint format) with
+# pre-training's dropouts [ESPnet].
 _BASE = dict(
     input_patch_size=16, embed_dim=512, conv_bias=False, encoder_layers=12,
     encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
