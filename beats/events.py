@@ -296,3 +296,40 @@ def decode_events(
     events += decoder.flush()
     order = {name: i for i, name in enumerate(labels)}
     return sorted(events, key=lambda e: (e.onset, order[e.label], e.offset))
+
+
+def read_event_table(path: str | os.PathLike) -> dict[str, list[Event]]:
+    """A DCASE event table (``beats detect``'s events.tsv, or reference annotations):
+    tab-separated with a header naming ``filename onset offset event_label`` and
+    optionally ``score`` (1.0 when absent). A row with empty onset, offset and label
+    lists a file without events. Returns ``{filename: [Event, ...]}`` in file order."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the event table {path}: {e}") from None
+    header = lines[0].split("\t") if lines else []
+    if not {"filename", "onset", "offset", "event_label"} <= set(header):
+        raise InputError(f"{path}: the first line must name the tab-separated columns "
+                         "filename, onset, offset, event_label (and optionally score)")
+    column = {name: i for i, name in enumerate(header)}
+    out: dict[str, list[Event]] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = line.split("\t") + [""] * len(header)
+        name, onset, offset, label = (cells[column[c]].strip() for c in
+                                      ("filename", "onset", "offset", "event_label"))
+        events = out.setdefault(name, [])
+        if not (onset or offset or label):
+            continue
+        try:
+            score = float(cells[column["score"]]) if "score" in column else 1.0
+            event = Event(float(onset), float(offset), label, score)
+        except ValueError:
+            event = None
+        if event is None or not label or not 0 <= event.onset <= event.offset:
+            raise InputError(f"{path}:{number}: expected a file name, onset <= offset in "
+                             f"seconds and a label, got {line!r}")
+        events.append(event)
+    return out

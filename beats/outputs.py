@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
 from .audio import AudioError, audio_info
+from .errors import InputError
 from .events import Event, clean_label, step_time
 from .files import InputFile, atomic_write, output_path, printable, safe_key
 from .inputs import MIN_SAMPLES
@@ -416,3 +417,15 @@ def events_completed(output_dir: Path, previous: dict[str, Record], fmt: str,
         if all(p.is_file() for p in wanted):
             done[key] = record
     return done
+
+
+def read_scores_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A frame-score table (`scores_table`): ``(timestamps (steps + 1,), scores (steps,
+    classes), class names)``, ready for `beats.sed_metrics.psds`."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    if header[:2] != ["onset", "offset"] or len(header) < 3:
+        raise InputError(f"{path}: not a frame-score table (columns onset, offset, classes)")
+    table = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
+    return np.append(table[:, 0], table[-1, 1]), table[:, 2:], header[2:]
