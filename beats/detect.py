@@ -79,8 +79,9 @@ class DetectConfig:
 
     Attributes:
         threshold: a step is active when its probability is at or above the threshold:
-            one number, one per class, ``{class name: value}`` (``"*"``: the others'), or
-            a file of ``NAME VALUE`` lines (`beats.events.class_thresholds`).
+            one number, one per class (of the model, or of ``classes``), ``{class name:
+            value}`` (``"*"``: the others'), or a file of ``NAME VALUE`` lines
+            (`beats.events.class_thresholds`).
         median_filter: seconds of the median filter over each class's probabilities
             (0: none).
         min_duration: seconds; shorter events are dropped.
@@ -118,20 +119,6 @@ class DetectConfig:
             raise InputError(f"unknown detection options {unknown}; use "
                              f"{[f.name for f in fields(cls)]}")
         return cls(**options)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings, as JSON values (a resumed ``beats detect`` run must share them)."""
-        threshold = self.threshold
-        if isinstance(threshold, os.PathLike):
-            threshold = os.fspath(threshold)
-        elif isinstance(threshold, Mapping):
-            threshold = dict(threshold)
-        elif not isinstance(threshold, (int, float, str)):
-            threshold = list(threshold)
-        return {"threshold": threshold, "median_filter": self.median_filter,
-                "min_duration": self.min_duration, "min_gap": self.min_gap,
-                "classes": None if self.classes is None else list(self.classes),
-                "window": self.window, "hop": self.hop}
 
 
 def class_names(model: BEATs) -> list[str]:
@@ -227,15 +214,29 @@ class Detector:
         names = class_names(model)
         self.indices = select_classes(names, self.config.classes, model.label_dict)
         self.labels = [names[i] for i in self.indices]
+        threshold = self.config.threshold
+        if isinstance(threshold, Sequence) and not isinstance(threshold, str) and len(
+                threshold) == len(self.labels):
+            thresholds = class_thresholds(threshold, self.labels)  # one per chosen class
+        else:  # one, or one per class of the model (a file may name any class)
+            every = class_thresholds(threshold, names)
+            thresholds = [every[i] for i in self.indices]
         self.post = PostProcessing.from_seconds(
-            class_thresholds(self.config.threshold, self.labels),
-            median_filter=self.config.median_filter, min_duration=self.config.min_duration,
-            min_gap=self.config.min_gap,
+            thresholds, median_filter=self.config.median_filter,
+            min_duration=self.config.min_duration, min_gap=self.config.min_gap,
         )
         self.width = self.hop = None
         if self.config.window is not None:
             assert self.config.hop is not None
             self.width, self.hop = window_steps(self.config.window, self.config.hop)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything the events depend on, resolved, as JSON values (a resumed ``beats
+        detect`` run must share them)."""
+        cfg = self.config
+        return {"classes": self.labels, "thresholds": list(self.post.thresholds),
+                "median_filter": cfg.median_filter, "min_duration": cfg.min_duration,
+                "min_gap": cfg.min_gap, "window": cfg.window, "hop": cfg.hop}
 
     @property
     def latency(self) -> float | None:
@@ -477,7 +478,7 @@ def detect_files(
     items = given if given and isinstance(given[0], InputFile) else discover_inputs(given)
     if save_scores:
         _check_score_names(Path(output_dir), items)
-    fingerprint = {"model": model_name, "output": "events", **detector.config.fingerprint(),
+    fingerprint = {"model": model_name, "output": "events", **detector.settings(),
                    "format": output_format, "save_scores": save_scores}
 
     def compute(model: BEATs, loaded: list[Any], options: ExtractOptions) -> Iterator[Any]:

@@ -167,6 +167,12 @@ def test_model_detect_gives_events_per_clip(waves):
     for clip, found in zip(clips, events, strict=True):
         assert found == detector.events(clip)
         assert {e.label for e in found} <= {"Animal", "Silence", "Speech"}
+    # Thresholds may name classes left out by `classes`, or give one per chosen class.
+    chosen = DetectConfig(threshold={"Music": 0.9, "Speech": 0.3, "*": 0.7},
+                          classes=["Speech", "Silence"])
+    assert Detector(model, chosen).post.thresholds == (0.3, 0.7)
+    chosen = DetectConfig(threshold=[0.3, 0.7], classes=["Speech", "Silence"])
+    assert Detector(model, chosen).post.thresholds == (0.3, 0.7)
     with pytest.raises(InputError, match="did you mean 'Animal'"):
         model.detect(clips[0], classes=["Animals"])
     with pytest.raises(InputError, match="unknown detection options"):
