@@ -26,7 +26,7 @@ from .files import printable
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
 SUBCOMMANDS: list[str] = [
-    "extract", "tag", "tokenize", "probe", "finetune", "pretrain", "distill", "iterate",
+    "extract", "tag", "detect", "tokenize", "probe", "finetune", "pretrain", "distill", "iterate",
     "models", "convert",
 ]
 INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,21 @@ class Summary:
             f"skipped (already done); {self.audio_seconds:.1f} s of audio in "
             f"{self.seconds:.1f} s ({speed:.1f} audio s/s)"
         )
+
+
+@dataclass
+class Job:
+    """Another computation on this engine's inputs, manifest, resume, lock and failure
+    handling (``beats detect``). ``command`` names the run in a busy folder's error;
+    ``fingerprint`` goes to run.json; ``compute`` replaces `_embed_batch`; ``writer(out,
+    manifest)`` replaces the npy/shard writers (``write(record, array, times)``,
+    ``close()``); ``completed(out, earlier records)`` replaces `completed`."""
+
+    command: str
+    fingerprint: dict[str, Any]
+    compute: Callable[..., Iterator[tuple[Any, Any]]]
+    writer: Callable[[Path, ManifestWriter], Any]
+    completed: Callable[[Path, dict[str, Record]], dict[str, Record]]
 
 
 # --------------------------------------------------------------------------- loading
@@ -363,22 +378,24 @@ def _embed_long(model: BEATs, wav: np.ndarray, options: ExtractOptions) -> np.nd
 
 
 def _embed_isolating_failures(
-    model: BEATs, loaded: list[_Loaded], options: ExtractOptions
+    model: BEATs, loaded: list[_Loaded], options: ExtractOptions,
+    compute: Callable[..., Iterator[tuple[Any, Any]]] = _embed_batch,
 ) -> Iterator[tuple[_Loaded, _Result]]:
-    """Embed a batch; if it fails (say, out of memory), retry each clip alone so that one
-    bad input fails by itself. Yields (loaded, (output, times, padded) or error text)."""
+    """Embed a batch (or ``compute`` it); if it fails (say, out of memory), retry each clip
+    alone so that one bad input fails by itself. Yields (loaded, (output, times, padded)
+    or error text)."""
     if not loaded:
         return
     try:
         with warnings.catch_warnings():  # peaks beyond [-1, 1] are in the records already
             warnings.filterwarnings("ignore", "audio in batch item", UserWarning)
-            results = list(_embed_batch(model, loaded, options))
+            results = list(compute(model, loaded, options))
     except Exception as e:  # one file never stops a run
         if len(loaded) == 1:
             yield loaded[0], f"{type(e).__name__}: {e}"
             return
         for x in loaded:
-            yield from _embed_isolating_failures(model, [x], options)
+            yield from _embed_isolating_failures(model, [x], options, compute)
         return
     yield from results
 
@@ -403,7 +420,7 @@ def _no_audio(inputs: Sequence[Any]) -> ValueError:
 
 def _open_run(
     output_dir: Path, options: ExtractOptions, model_name: str, rank: int, world: int,
-    stack: contextlib.ExitStack, device: torch.device,
+    stack: contextlib.ExitStack, device: torch.device, job: Job | None = None,
 ) -> str:
     """Rank 0 locks the folder (held until ``stack`` closes), checks and writes run.json
     and folds manifests a killed distributed run left. Every rank gets the run id, or
@@ -411,9 +428,12 @@ def _open_run(
     outcome: str | Exception
     if rank == 0:
         command = "beats tokenize" if options.tokens else "beats extract"
+        fingerprint = options.fingerprint(model_name)
+        if job is not None:
+            command, fingerprint = job.command, job.fingerprint
         try:
             stack.enter_context(folder_lock(output_dir, command))
-            check_run_file(output_dir, options.fingerprint(model_name), options.resume)
+            check_run_file(output_dir, fingerprint, options.resume)
             remove_stale_temporaries(output_dir)  # a killed run's half-written files
             fold_rank_manifests(output_dir)
             outcome = new_run_id()
@@ -439,8 +459,10 @@ def extract(
     *,
     model_name: str = "model",
     progress: bool = True,
+    job: Job | None = None,
 ) -> Summary:
-    """Embed every input into ``output_dir``; returns the run's `Summary`.
+    """Embed every input into ``output_dir`` (or run ``job`` on it); returns the run's
+    `Summary`.
 
     ``inputs`` are files, folders or list files (see `beats.files.discover_inputs`).
     Failures are recorded in the manifest and never stop the run. Raises ``ValueError``
@@ -460,13 +482,14 @@ def extract(
         raise _no_audio(given)
     with contextlib.ExitStack() as stack:
         run_id = _open_run(output_dir, options, model_name, rank, world, stack,
-                           model.device)
+                           model.device, job)
         previous = latest_by_key(read_manifest(output_dir / MANIFEST)) if options.resume else {}
         items = sorted(earlier_keys(items, previous), key=lambda it: it.key)  # type: ignore[arg-type]
-        done = completed(output_dir, previous, options.output_format == "npy")
+        done = (completed(output_dir, previous, options.output_format == "npy") if job is None
+                else job.completed(output_dir, previous))
         mine = [it for i, it in enumerate(items) if i % world == rank]
         todo, skipped = split_done(mine, done)
-        summary = _run(model, todo, output_dir, options, rank, world, run_id, progress)
+        summary = _run(model, todo, output_dir, options, rank, world, run_id, progress, job)
         summary.skipped += skipped
         if world > 1:
             _merge_manifests(output_dir, rank)
@@ -475,22 +498,23 @@ def extract(
 
 def _run(
     model: BEATs, todo: list[InputFile], output_dir: Path, options: ExtractOptions,
-    rank: int, world: int, run_id: str, progress: bool,
+    rank: int, world: int, run_id: str, progress: bool, job: Job | None = None,
 ) -> Summary:
     """Embed and write ``todo``, recording every outcome in this rank's manifest."""
     start = time.perf_counter()
     part = output_dir / (MANIFEST if world == 1 else f"manifest.rank{rank:03d}.jsonl")
     with ManifestWriter(part) as manifest:
         summary = Summary()  # ``skipped``: outputs adopted here; the caller adds the rest
-        if options.resume and options.output_format == "npy":
+        if options.resume and options.output_format == "npy" and job is None:
             adopted = adopt_unrecorded(output_dir, todo, manifest)
             todo = [it for it in todo if it.key not in adopted]
             summary.skipped = len(adopted)
         log.info("rank %d/%d: %d inputs to embed into %s", rank, world, len(todo), output_dir)
-        writer: NpyWriter | ShardWriter = (
+        writer: Any = (
             NpyWriter(output_dir, manifest) if options.output_format == "npy"
             else ShardWriter(output_dir, manifest, options.shard_size, rank, run_id)
-        )
+        ) if job is None else job.writer(output_dir, manifest)
+        compute = _embed_batch if job is None else job.compute
         stop = multiprocessing.Event()
         loader = DataLoader(
             _BatchReader(_by_duration(todo, options.batch_size), options.max_duration, stop),
@@ -502,7 +526,7 @@ def _run(
         batches = iter(loader)
         try:
             for loaded in batches:
-                _consume(model, loaded, options, writer, manifest, summary)
+                _consume(model, loaded, options, writer, manifest, summary, compute)
                 bar.update(len(loaded))
                 speed = summary.audio_seconds / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{speed:.1f} audio s/s")
@@ -519,8 +543,9 @@ def _run(
 
 
 def _consume(
-    model: BEATs, loaded: list[_Loaded], options: ExtractOptions,
-    writer: NpyWriter | ShardWriter, manifest: ManifestWriter, summary: Summary,
+    model: BEATs, loaded: list[_Loaded], options: ExtractOptions, writer: Any,
+    manifest: ManifestWriter, summary: Summary,
+    compute: Callable[..., Iterator[tuple[Any, Any]]] = _embed_batch,
 ) -> None:
     """Embed one loaded batch, write its outputs and record every outcome."""
     def failed(x: _Loaded, error: str) -> None:
@@ -539,7 +564,7 @@ def _consume(
     for x in loaded:
         if x.error is not None:
             failed(x, x.error)
-    for x, result in _embed_isolating_failures(model, good, options):
+    for x, result in _embed_isolating_failures(model, good, options, compute):
         if isinstance(result, str):
             failed(x, result)
             continue

@@ -71,6 +71,10 @@ class BEATsOutput:
         logits: (B, classes) fine-tuned models: the predictor averaged over valid positions.
         probs: (B, classes) ``sigmoid(logits)``, or ``softmax`` for single-label
             fine-tunes (``cfg.predictor_activation``).
+        frame_logits: (B, T, classes) fine-tuned models: the predictor at each 160 ms time
+            step, averaged over the step's 8 frequency bands; zero at padded steps
+            (``step_padding_mask``). Their mean over a clip's valid steps is its
+            ``logits``. ``BEATs.activate(frame_logits)`` gives frame probabilities.
     """
 
     features: torch.Tensor
@@ -78,6 +82,18 @@ class BEATsOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     logits: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    frame_logits: torch.Tensor | None = None
+
+    @property
+    def step_padding_mask(self) -> torch.Tensor:
+        """(B, T) bool, True at padded time steps (160 ms each, T = S / 8)."""
+        return self.padding_mask[:, ::PATCHES_PER_STEP]
+
+    @property
+    def step_times(self) -> torch.Tensor:
+        """(T,) float64 centre of each step in seconds, ``0.16 t + 0.0875``."""
+        steps = self.padding_mask.shape[1] // PATCHES_PER_STEP
+        return (2560.0 * torch.arange(steps, dtype=torch.float64) + 1400.0) / 16000.0
 
     def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.probs if self.probs is not None else self.features
@@ -284,11 +300,17 @@ class BEATs(nn.Module):
             scores = self.predictor(self.predictor_dropout(x)).float() * keep
             out.logits = scores.sum(dim=1) / keep.sum(dim=1)
             out.probs = self.activate(out.logits)
+            batch, positions, classes = scores.shape
+            out.frame_logits = scores.view(
+                batch, positions // PATCHES_PER_STEP, PATCHES_PER_STEP, classes).mean(dim=2)
         return out
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities from logits (B, classes): ``sigmoid`` (multi-label, the released
-        models) or ``softmax`` over classes, as ``cfg.predictor_activation`` says."""
+        """Probabilities from logits (..., classes): ``sigmoid`` (multi-label, the released
+        models) or ``softmax`` over classes, as ``cfg.predictor_activation`` says. On
+        ``frame_logits`` the meaning is the clip's, per step: each class's presence, or
+        for single-label models the step's distribution over classes (summing to 1, even
+        in silence: thresholds belong well above ``1 / classes``)."""
         if self.cfg.predictor_activation == "softmax":
             return logits.softmax(dim=-1)
         return torch.sigmoid(logits)
@@ -527,6 +549,21 @@ class BEATs(nn.Module):
             [(name(i), p) for p, i in zip(row_p, row_i, strict=True)]
             for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
+
+    def detect(self, wav: ArrayLike, padding_mask: ArrayLike | None = None, *,
+               lengths: ArrayLike | None = None, sample_rate: int = 16000,
+               **config: Any) -> list[list[Any]]:
+        """Sound events of each clip: a list per clip of `beats.events.Event` (onset,
+        offset, label, score), sorted by onset. Fine-tuned models only. ``wav`` and the
+        masks are as in `extract_features`; ``config`` holds `beats.detect.DetectConfig`
+        fields (``threshold``, ``median_filter``, ``min_duration``, ``min_gap``,
+        ``classes``, ``window``, ``hop``). Each clip is scored alone from its frame
+        scores (`BEATsOutput.frame_logits`)."""
+        from .detect import DetectConfig, Detector
+
+        detector = Detector(self, DetectConfig.from_options(config))
+        clips, sizes = prepare_batch(wav, padding_mask, lengths, sample_rate=sample_rate)
+        return [detector.events(clips[b, :n].cpu()) for b, n in enumerate(sizes.tolist())]
 
 
 ConfigLike = BEATsConfig | dict[str, Any] | str | Path  # what ``config=`` accepts

@@ -1,5 +1,5 @@
-"""The output folder of a ``beats extract`` run: writers, settings, and what a resumed run
-may skip.
+"""The output folder of a ``beats extract`` (or ``beats detect``) run: writers, settings,
+and what a resumed run may skip.
 
 A folder holds ``run.json`` (the settings outputs depend on), ``manifest.jsonl`` (one
 record per input, `beats.manifest`), the outputs (``.npy`` files mirroring the input tree,
@@ -10,10 +10,12 @@ or safetensors shards named per run so that no run ever overwrites another's sha
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,11 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
 from .audio import AudioError, audio_info
+from .errors import InputError
+from .events import Event, clean_label, step_time
 from .files import InputFile, atomic_write, output_path, printable, safe_key
 from .inputs import MIN_SAMPLES
-from .manifest import OK, PADDED, ManifestWriter, Record, read_manifest
+from .manifest import OK, PADDED, ManifestWriter, Record, latest_by_key, read_manifest
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
@@ -268,3 +272,160 @@ def adopt_unrecorded(
         ))
         adopted.add(item.key)
     return adopted
+
+
+# --------------------------------------------------------------------------- events
+EVENTS_FILE = "events.tsv"
+SCORES_DIR = "scores"
+EVENT_FORMATS = ("tsv", "audacity", "raven", "json")
+# One file per input beside events.tsv, by format (tsv: events.tsv only).
+EVENT_SUFFIXES = {"audacity": ".txt", "raven": ".selections.txt", "json": ".json"}
+EVENTS_HEADER = "filename\tonset\toffset\tevent_label\tscore\n"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.3f}"
+
+
+def events_table(rows: list[tuple[str, Event]]) -> str:
+    """A DCASE event table: ``filename onset offset event_label score``, tab-separated,
+    with its header."""
+    lines = [EVENTS_HEADER]
+    for name, e in rows:
+        lines.append(f"{clean_label(printable(name))}\t{_time(e.onset)}\t{_time(e.offset)}\t"
+                     f"{clean_label(e.label)}\t{e.score:.4f}\n")
+    return "".join(lines)
+
+
+def audacity_labels(events: list[Event]) -> str:
+    """An Audacity label track (File > Import > Labels): ``start end label`` per line,
+    the score in brackets after the label."""
+    return "".join(f"{_time(e.onset)}\t{_time(e.offset)}\t{clean_label(e.label)} "
+                   f"({e.score:.2f})\n" for e in events)
+
+
+def raven_table(events: list[Event], high_hz: float = 8000.0) -> str:
+    """A Raven selection table: one selection per event over the whole band (0 Hz to
+    ``high_hz``), with ``Annotation`` and ``Score`` columns."""
+    lines = ["Selection\tView\tChannel\tBegin Time (s)\tEnd Time (s)\tLow Freq (Hz)\t"
+             "High Freq (Hz)\tAnnotation\tScore\n"]
+    for i, e in enumerate(events, start=1):
+        lines.append(f"{i}\tSpectrogram 1\t1\t{_time(e.onset)}\t{_time(e.offset)}\t0\t"
+                     f"{high_hz:g}\t{clean_label(e.label)}\t{e.score:.4f}\n")
+    return "".join(lines)
+
+
+def scores_table(probs: np.ndarray, labels: list[str]) -> str:
+    """Frame scores as sed_scores_eval reads them: columns ``onset offset`` and one per
+    class, one row per 160 ms step (step t from 0.16 t to 0.16 (t + 1) seconds)."""
+    buffer = io.StringIO()
+    buffer.write("\t".join(["onset", "offset", *map(clean_label, labels)]) + "\n")
+    steps = np.arange(len(probs))
+    table = np.column_stack([step_time(steps), step_time(steps + 1), probs.astype(np.float64)])
+    np.savetxt(buffer, table, fmt=["%.3f", "%.3f"] + ["%.7g"] * len(labels), delimiter="\t")
+    return buffer.getvalue()
+
+
+def scores_path(output_dir: Path, key: str) -> Path:
+    """``OUT/scores/<key without its audio suffix>.tsv``: sed_scores_eval names a file's
+    scores after the file name without its extension."""
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    return output_path(output_dir / SCORES_DIR, stem, ".tsv")
+
+
+def record_events(record: Record) -> list[Event] | None:
+    """The events a ``beats detect`` manifest record holds (None: not a detect record)."""
+    raw = record.extra.get("events")
+    if not isinstance(raw, list):
+        return None
+    try:
+        return [Event(float(a), float(b), str(c), float(d)) for a, b, c, d in raw]
+    except (TypeError, ValueError):
+        return None
+
+
+class EventWriter:
+    """The outputs of ``beats detect``: each input's events (in its manifest record, and
+    in a file per input for the audacity, raven and json formats), its frame scores with
+    ``save_scores``, and ``events.tsv`` for all inputs, rewritten from the manifest when
+    the run ends (so a resumed run's table holds the earlier runs' files too)."""
+
+    def __init__(self, output_dir: Path, manifest: ManifestWriter,
+                 decode: Callable[[np.ndarray], list[Event]], labels: list[str],
+                 fmt: str = "tsv", save_scores: bool = False) -> None:
+        if fmt not in EVENT_FORMATS:
+            raise ValueError(f"format {fmt!r}: choose one of {EVENT_FORMATS}")
+        self.output_dir = output_dir
+        self.manifest = manifest
+        self.decode = decode
+        self.labels = labels
+        self.fmt = fmt
+        self.save_scores = save_scores
+
+    def write(self, record: Record, probs: np.ndarray, times: np.ndarray | None) -> None:
+        events = self.decode(probs)
+        outputs = []
+        if self.save_scores:
+            path = scores_path(self.output_dir, record.key)
+            with atomic_write(path, "w") as f:
+                f.write(scores_table(probs, self.labels))
+            outputs.append(path)
+        if self.fmt != "tsv":
+            path = output_path(self.output_dir, record.key, EVENT_SUFFIXES[self.fmt])
+            if self.fmt == "audacity":
+                text = audacity_labels(events)
+            elif self.fmt == "raven":
+                text = raven_table(events, (record.sample_rate or 16000) / 2)
+            else:
+                text = json.dumps({"filename": printable(record.key), "duration": record.duration,
+                                   "events": [{"onset": e.onset, "offset": e.offset,
+                                               "event_label": e.label, "score": e.score}
+                                              for e in events]}, indent=1) + "\n"
+            with atomic_write(path, "w") as f:
+                f.write(text)
+            outputs.insert(0, path)
+        root = self.output_dir.resolve()
+        record.output = outputs[0].relative_to(root).as_posix() if outputs else None
+        record.extra["events"] = [[e.onset, e.offset, e.label, e.score] for e in events]
+        self.manifest.append(record)
+
+    def close(self) -> None:
+        """Write ``events.tsv``: every input's events, by file name then onset."""
+        records = latest_by_key(read_manifest(self.output_dir / MANIFEST))
+        rows = []
+        for key in sorted(records):
+            events = record_events(records[key])
+            if records[key].status in (OK, PADDED) and events is not None:
+                rows += [(key, e) for e in events]
+        with atomic_write(self.output_dir / EVENTS_FILE, "w") as f:
+            f.write(events_table(rows))
+
+
+
+def events_completed(output_dir: Path, previous: dict[str, Record], fmt: str,
+                     save_scores: bool) -> dict[str, Record]:
+    """The earlier ``beats detect`` records whose events and files are all there."""
+    done = {}
+    for key, record in previous.items():
+        if record.status not in (OK, PADDED) or record_events(record) is None:
+            continue
+        try:
+            wanted = ([scores_path(output_dir, key)] if save_scores else []) + (
+                [output_path(output_dir, key, EVENT_SUFFIXES[fmt])] if fmt != "tsv" else [])
+        except ValueError:
+            continue
+        if all(p.is_file() for p in wanted):
+            done[key] = record
+    return done
+
+
+def read_scores_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A frame-score table (`scores_table`): ``(timestamps (steps + 1,), scores (steps,
+    classes), class names)``, ready for `beats.sed_metrics.psds`."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    if header[:2] != ["onset", "offset"] or len(header) < 3:
+        raise InputError(f"{path}: not a frame-score table (columns onset, offset, classes)")
+    table = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
+    return np.append(table[:, 0], table[-1, 1]), table[:, 2:], header[2:]

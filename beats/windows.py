@@ -17,6 +17,10 @@ batch at a time and are stitched into one sequence:
 
 The file's steps are those of the whole clip: T = 1 + (N - 400) // 160 frames, T // 16
 steps, as `BEATs.embed` would give without windows.
+
+A fine-tuned model's frame scores (`frame_scores_windowed`) are stitched the same way,
+each window run on its own so that a live stream (`beats.detect.StreamingDetector`)
+computes the very same numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import InputError
 from .fbank import SAMPLE_RATE, num_frames
 from .inputs import MIN_SAMPLES, ArrayLike, prepare_batch
 from .model import PATCHES_PER_STEP, BEATs
@@ -71,11 +76,25 @@ def step_times(steps: int) -> torch.Tensor:
     return torch.from_numpy(step_centres(steps))
 
 
+def window_steps(window_s: float = 10.0, hop_s: float = 8.0) -> tuple[int, int]:
+    """(window, hop) in steps: ``window_s`` converted like a clip of that length (10 s ->
+    62 steps), ``hop_s`` rounded to whole steps of 0.16 s (8 s -> 50 steps), in (0, window]."""
+    width = num_steps(round(window_s * SAMPLE_RATE))
+    hop = round(hop_s * SAMPLE_RATE / STEP_SAMPLES)
+    if width < 1:
+        raise InputError(f"window_s={window_s} is shorter than one step (0.175 s)")
+    if not 1 <= hop <= width:
+        raise InputError(
+            f"hop_s={hop_s} must lie between one step (0.16 s) and the window "
+            f"({width} steps = {width * 0.16:.2f} s)"
+        )
+    return width, hop
+
+
 def plan_windows(num_samples: int, window_s: float = 10.0, hop_s: float = 8.0) -> list[Window]:
     """The windows covering a clip of ``num_samples`` samples, and the steps each keeps.
 
-    ``window_s`` is converted like a clip of that length (10 s -> 62 steps); ``hop_s`` is
-    rounded to whole steps of 0.16 s (8 s -> 50 steps) and must lie in (0, window].
+    ``window_s`` and ``hop_s`` are converted to steps by `window_steps`.
     """
     total = num_steps(num_samples)
     if total == 0:
@@ -83,15 +102,7 @@ def plan_windows(num_samples: int, window_s: float = 10.0, hop_s: float = 8.0) -
             f"audio too short: {num_samples} samples; BEATs needs at least {STEP_SPAN} "
             "samples (0.175 s at 16 kHz)"
         )
-    width = num_steps(round(window_s * SAMPLE_RATE))
-    hop = round(hop_s * SAMPLE_RATE / STEP_SAMPLES)
-    if width < 1:
-        raise ValueError(f"window_s={window_s} is shorter than one step (0.175 s)")
-    if not 1 <= hop <= width:
-        raise ValueError(
-            f"hop_s={hop_s} must lie between one step (0.16 s) and the window "
-            f"({width} steps = {width * 0.16:.2f} s)"
-        )
+    width, hop = window_steps(window_s, hop_s)
     if total <= width:
         return [Window(0, total, 0, total)]
     starts = [*range(0, total - width, hop), total - width]
@@ -136,10 +147,7 @@ def iter_windowed(
     windows = plan_windows(audio.shape[0], window_s, hop_s)
     for first in range(0, len(windows), batch_size):
         group = windows[first : first + batch_size]
-        span = STEP_SAMPLES * (group[0].stop - group[0].start - 1) + STEP_SPAN
-        if len(windows) == 1:
-            span = audio.shape[0]  # the whole clip: identical to embedding it directly
-        batch = torch.stack([audio[STEP_SAMPLES * w.start :][:span] for w in group])
+        batch = torch.stack([window_samples(audio, w, len(windows) == 1) for w in group])
         out = model.embed(batch, output_layer=output_layer,
                           output_hidden_states=output_hidden_states)
         for i, w in enumerate(group):
@@ -174,6 +182,84 @@ def extract_windowed(
         out[PATCHES_PER_STEP * w.keep_start : PATCHES_PER_STEP * w.keep_stop] = piece
     assert out is not None
     return WindowedOutput(out, step_times(windows[-1].keep_stop), windows)
+
+
+def window_samples(audio: torch.Tensor, window: Window, whole: bool) -> torch.Tensor:
+    """The samples (span,) that ``window`` reads from a clip's 16 kHz ``audio`` (N,): its
+    steps' 2560 (w - 1) + 2800 samples, or the whole clip when it is the only window
+    (identical to running the model on the clip directly)."""
+    if whole:
+        return audio
+    span = STEP_SAMPLES * (window.stop - window.start - 1) + STEP_SPAN
+    return audio[STEP_SAMPLES * window.start :][:span]
+
+
+def score_window(model: BEATs, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame logits and frame probabilities, each (steps, classes) float32, of one window
+    (or clip) run alone through a fine-tuned model.
+
+    Windows are always run one at a time here, so that a window gives the same numbers
+    to the bit whichever code path asks for it (a whole file, or a live stream).
+    """
+    out = model.embed(samples.unsqueeze(0))
+    if out.frame_logits is None:
+        raise InputError("frame scores need a fine-tuned model (one with a class head)")
+    return out.frame_logits[0], model.activate(out.frame_logits)[0]
+
+
+@dataclass
+class WindowedScores:
+    """What `frame_scores_windowed` returns.
+
+    Attributes:
+        logits: (steps, classes) float32 frame logits, on the model's device.
+        probs: (steps, classes) float32 frame probabilities (`BEATs.activate`).
+        step_times: (steps,) float64 centre of each step in seconds.
+        windows: the windows, in order, with the steps each one contributed.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    step_times: torch.Tensor
+    windows: list[Window]
+
+
+def frame_scores_windowed(
+    model: BEATs, wav: ArrayLike, *, window_s: float | None = 10.0, hop_s: float = 8.0,
+) -> WindowedScores:
+    """Frame scores of one clip of any length from a fine-tuned model, window by window.
+
+    The windows and the steps each contributes are those of `extract_windowed`; each
+    window runs alone (`score_window`), its probabilities computed over the whole window
+    before its kept steps are taken. ``window_s=None`` runs the clip whole.
+
+    Args:
+        model: a fine-tuned `BEATs` (runs under ``torch.inference_mode``).
+        wav: (N,) one clip of 16 kHz samples (tensor or numpy, float or int PCM).
+        window_s, hop_s: window length and hop in seconds (see `plan_windows`).
+    """
+    audio, _ = prepare_batch(wav)
+    if audio.shape[0] != 1:
+        raise ValueError(f"frame_scores_windowed takes one clip (N,), got shape "
+                         f"{tuple(audio.shape)}")
+    audio = audio[0]
+    if window_s is None:
+        windows = [Window(0, num_steps(audio.shape[0]), 0, num_steps(audio.shape[0]))]
+    else:
+        windows = plan_windows(audio.shape[0], window_s, hop_s)
+    logits: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    for w in windows:
+        window_logits, window_probs = score_window(
+            model, window_samples(audio, w, len(windows) == 1))
+        if logits is None or probs is None:
+            shape = (windows[-1].keep_stop, window_logits.shape[-1])
+            logits, probs = window_logits.new_empty(shape), window_probs.new_empty(shape)
+        keep = slice(w.keep_start - w.start, w.keep_stop - w.start)
+        logits[w.keep_start : w.keep_stop] = window_logits[keep]
+        probs[w.keep_start : w.keep_stop] = window_probs[keep]
+    assert logits is not None and probs is not None
+    return WindowedScores(logits, probs, step_times(windows[-1].keep_stop), windows)
 
 
 def _num_samples(wav: ArrayLike) -> int:
