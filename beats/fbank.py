@@ -44,6 +44,16 @@ def _dft_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch before 2.4 has no argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(window (400,), mel weights (257, 128), DFT matrix (400, 514)) on ``device``, cached.
 
@@ -102,6 +112,8 @@ def fbank(
         mean, std: the normalisation statistics (default: Microsoft's 15.41663 and 6.55582;
             OpenBEATs re-trainings may have their own, ``BEATsConfig.fbank_mean/fbank_std``).
 
+    Always computed in float32, also under a caller's ``torch.autocast``.
+
     Returns:
         ``(fbank, frames)``: fbank (B, T, 128) float32 where T is the frame count of N
         samples, frames (B,) int64 valid frames per clip; rows past a clip's frame count
@@ -111,6 +123,12 @@ def fbank(
         wav = wav.unsqueeze(0)
     if wav.dim() != 2:
         raise ValueError(f"fbank expects (B, N) or (N,) waveforms, got shape {tuple(wav.shape)}")
+    if _autocast_enabled(wav.device.type):
+        # Under a caller's autocast (mixed-precision training frameworks run the whole
+        # model in it) the mel product would run in float16, where energies up to ~1e17
+        # overflow to inf and the features become NaN; bfloat16 would blur the low bins.
+        with torch.autocast(wav.device.type, enabled=False):
+            return fbank(wav, lengths, normalize=normalize, mean=mean, std=std)
     batch, n = wav.shape
     if lengths is None:
         lengths = torch.full((batch,), n, dtype=torch.long, device=wav.device)

@@ -100,10 +100,11 @@ def pool(output: BEATsOutput, spec: PoolingSpec, num_layers: int) -> list[torch.
     x = stack.float().view(batch, layers, positions // PATCHES_PER_STEP, PATCHES_PER_STEP, dim)
     if spec.freq == "mean":
         x = x.mean(dim=3)  # (B, layers, T, C)
-    steps = (~output.padding_mask).sum(dim=1) // PATCHES_PER_STEP  # (B,)
+    # (B,) valid steps, read back once (per clip, each read waits for the GPU)
+    steps = ((~output.padding_mask).sum(dim=1) // PATCHES_PER_STEP).tolist()
     clips = []
     for b in range(batch):
-        valid = x[b, :, : int(steps[b])]  # (layers, T_b, ...)
+        valid = x[b, :, : steps[b]]  # (layers, T_b, ...)
         if spec.time == "mean":
             valid = valid.mean(dim=1)
         elif spec.time == "mean+std":

@@ -46,33 +46,41 @@ from benchmarks.original import OriginalBEATs
 CLASSES = ["a", "b", "c", "d"]
 
 
-def baseline_steps(model: BEATs, wav: torch.Tensor, targets: torch.Tensor,
-                   steps: int) -> list[float]:
-    """Seconds per optimiser step of the plain loop over the original computation."""
+def baseline_steps(model: BEATs, wav: torch.Tensor, targets: torch.Tensor, steps: int,
+                   autocast: torch.dtype | None = None) -> list[float]:
+    """Seconds per optimiser step of the plain loop over the original computation, on the
+    device of ``model`` and ``wav`` (float32, or under ``autocast`` of that dtype)."""
+    device = wav.device
     original = OriginalBEATs(model)
     params = original.trainable()
-    head = torch.nn.Linear(model.cfg.encoder_embed_dim, len(CLASSES))
+    head = torch.nn.Linear(model.cfg.encoder_embed_dim, len(CLASSES)).to(device)
     opt = torch.optim.AdamW([*params, *head.parameters()], lr=1e-4)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        features, _ = original.forward(wav)
-        loss = F.cross_entropy(head(features).mean(dim=1), targets)
+        with torch.autocast(device.type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            features, _ = original.forward(wav)
+            logits = head(features).mean(dim=1).float()
+        loss = F.cross_entropy(logits, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 def fit_steps(model: BEATs, wav: torch.Tensor, targets: torch.Tensor, steps: int,
-              dtype: str) -> list[float]:
-    """Seconds per optimiser step of `fit` (from its metrics.jsonl, one line per step)."""
+              dtype: str, device: str = "cpu") -> list[float]:
+    """Seconds per optimiser step of `fit` (from its metrics.jsonl, one line per step);
+    ``wav`` and ``model`` on the CPU, training on ``device``."""
     clips = [Clip(w.numpy(), int(t), w.numel() / 16000) for w, t in zip(wav, targets,
                                                                          strict=True)]
     cfg = FinetuneConfig(steps=steps, batch_size=len(clips), lr=1e-4, dtype=dtype,
                          num_workers=0, log_every=1, save_every=10**6, quiet=True,
-                         device="cpu", crop_seconds=wav.shape[1] / 16000, time_mask=0.0,
+                         device=device, crop_seconds=wav.shape[1] / 16000, time_mask=0.0,
                          freq_mask=0, head_dropout=0.0, warmup_steps=1, layer_lr_decay=1.0)
     task = FinetuneTask(prepare_model(model, CLASSES, False, cfg), clips, [], CLASSES,
                         False, cfg)

@@ -57,3 +57,30 @@ def test_bfloat16_padded_batch_is_close_to_clips_alone(waves):
         alone = half.embed(clip).features[0]
         got = together.features[b, : alone.shape[0]]
         assert F.cosine_similarity(got.float(), alone.float(), dim=-1).min() >= COSINE_MIN
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_filterbank_is_float32_under_autocast(dtype, waves):
+    """Mixed-precision frameworks run the whole model under autocast: the filterbank must
+    not follow it (float16 overflows its energies to inf, the features to NaN)."""
+    from beats.fbank import fbank
+
+    wav = waves["wav.1"]
+    plain, frames = fbank(wav)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed, mixed_frames = fbank(wav)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain) and torch.equal(mixed_frames, frames)
+
+
+@pytest.mark.parametrize("case", ["postnorm_gru", "prenorm_glu"])
+def test_float16_autocast_features_are_finite_and_match_float32(case, waves):
+    full = reference_model(case)
+    wav = waves["wav.2"]
+    with torch.no_grad():
+        ref = full.extract_features(wav).features
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = full.extract_features(wav).features
+    assert torch.isfinite(out).all()
+    cos = F.cosine_similarity(out.float(), ref, dim=-1)
+    assert cos.min() >= COSINE_MIN, float(cos.min())

@@ -354,7 +354,10 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
                         num_workers=cfg.num_workers,
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         generator=torch.Generator().manual_seed(cfg.seed),
-                        prefetch_factor=2 if cfg.num_workers else None)
+                        prefetch_factor=2 if cfg.num_workers else None,
+                        # page-locked batches: the non_blocking copies in _to_device are
+                        # then truly asynchronous (from pageable memory they wait)
+                        pin_memory=d.device.type == "cuda")
     log = logs.RunLog(out_dir, start, total, d, cfg.quiet)
     failures = logs.Failures(out_dir, d)
     failures.add([list(task.failed) if d.main else []])
@@ -425,7 +428,10 @@ def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim
     """One optimiser step over this process's micro-batches; global sums of the step."""
     local = torch.tensor([float(sum(b["count"] for b in micro)),
                           float(sum(b["seconds"] for b in micro))], dtype=torch.float64)
-    count, seconds = distributed.all_sum(local.to(d.device), d).tolist()
+    # alone, the counts stay on the host: a trip through the GPU would wait for the
+    # previous step's optimiser kernels before this step's forward could be queued
+    summed = local if d.world == 1 else distributed.all_sum(local.to(d.device), d)
+    count, seconds = summed.tolist()
     factor = lr_factor(step, total, warmup, cfg.schedule)
     for g in opt.param_groups:
         g["lr"] = cfg.lr * g["lr_scale"] * factor
