@@ -36,18 +36,21 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
 EXIT_DIVERGED = 4  # a training command's loss or gradient norm stopped being finite
 
 TRAINING = ("finetune", "pretrain", "distill", "iterate")
-# The exit codes of every command: code -> (meaning, the commands that can return it;
-# an empty tuple: every command).
-EXIT_CODES: dict[int, tuple[str, tuple[str, ...]]] = {
-    EXIT_OK: ("all done", ()),
-    EXIT_FAILED_INPUTS: ("the job completed, but some inputs could not be used and were "
-                         "skipped", ("extract", "tag", "tokenize", "probe", *TRAINING)),
-    EXIT_SETUP: ("bad arguments, input or setup: one line says what was wrong and what to "
-                 "do", ()),
-    EXIT_BUG: ("a bug in beats: the traceback is printed; please report it", ()),
-    EXIT_DIVERGED: ("a training run diverged (its loss or gradient norm stopped being "
-                    "finite); the last good training state is kept", TRAINING),
-    INTERRUPTED: ("interrupted (Ctrl-C); what was finished is kept", ()),
+# The exit codes of every command, code -> meaning: the one table `beats --help`, each
+# command's --help (`exit_code_help`) and the documentation are made from.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "all done",
+    EXIT_FAILED_INPUTS: "the job completed, but some inputs could not be used and were skipped",
+    EXIT_SETUP: "bad arguments, input or setup: one line says what was wrong and what to do",
+    EXIT_BUG: "a bug in beats: the traceback is printed; please report it",
+    EXIT_DIVERGED: "a training run diverged (its loss or gradient norm stopped being "
+                   "finite); the last good training state is kept",
+    INTERRUPTED: "interrupted (Ctrl-C); what was finished is kept",
+}
+# The codes that only some commands return, and those commands (the rest: every command).
+EXIT_CODE_COMMANDS: dict[int, tuple[str, ...]] = {
+    EXIT_FAILED_INPUTS: ("extract", "tag", "tokenize", "probe", *TRAINING),
+    EXIT_DIVERGED: TRAINING,
 }
 # Where each command lists the inputs it skipped (exit code 1), with the reasons.
 SKIPPED_LISTED: dict[str, str] = {
@@ -62,7 +65,8 @@ def exit_code_help(command: str | None = None) -> str:
     """The exit codes that ``command`` can return (None: every code, with the commands
     that return it when not all do), as the lines of a ``--help`` epilog."""
     lines = ["exit codes:"]
-    for code, (meaning, commands) in EXIT_CODES.items():
+    for code, meaning in EXIT_CODES.items():
+        commands = EXIT_CODE_COMMANDS.get(code, ())
         if command is not None and commands and command not in commands:
             continue
         if code == EXIT_FAILED_INPUTS:
