@@ -29,7 +29,7 @@ from .training import (
 
 
 def _options() -> list[Option]:
-    """(config field, flags, type, help); defaults come from PretrainConfig (the spec's
+    """(config field, flags, type, help); defaults come from PretrainConfig (the paper's
     for base) and --help shows them with the tiny preset's where it differs."""
     from ..train.pretrain import TRAINING_PRESETS
 

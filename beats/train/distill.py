@@ -1,4 +1,5 @@
-"""Tokenizer distillation (training spec section 4) on the training loop: ``beats distill``.
+"""Tokenizer distillation on the training loop: ``beats distill`` (see
+docs/design/training.md, Tokenizer distillation).
 
 ``distill(teacher, audio, DistillConfig(...), out_dir)`` trains a student tokenizer on
 unlabelled audio with `beats.train.loop.fit` and writes ``OUT/tokenizer/``: a tokenizer

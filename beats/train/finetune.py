@@ -1,4 +1,5 @@
-"""Fine-tuning (spec section 5): the whole BEATs with a per-position linear head.
+"""Fine-tuning (see docs/design/training.md, Fine-tuning): the whole BEATs with a
+per-position linear head.
 
 ``finetune(model, data, FinetuneConfig(...), out_dir)`` trains, keeps the best
 validation checkpoint and writes:

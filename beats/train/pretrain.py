@@ -1,4 +1,5 @@
-"""Self-supervised pre-training (training spec section 3) on the one training loop.
+"""Self-supervised pre-training on the one training loop (see docs/design/training.md,
+Masked pre-training).
 
 ``pretrain(audio, out_dir, PretrainConfig(...))`` trains a `BEATsForPretraining` to
 predict the labels of masked patches of unlabelled audio and writes:
@@ -60,7 +61,7 @@ from .unlabelled import (
     heldout_dataset,
 )
 
-# Training settings of a preset that differ from `PretrainConfig`'s (the spec's, for base).
+# Training settings of a preset that differ from `PretrainConfig`'s (the paper's, for base).
 # tiny: learns on a 2-core CPU in minutes: 2000 steps of 8 crops of 2 s (9 h of audio) took
 # 7 min at ~85 audio s/s (one torch thread); on the 12-minute corpus its linear probe beat
 # the untrained encoder's by 0.84 to 0.34, where 300 steps were not enough to tell
@@ -75,7 +76,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PretrainConfig(UnlabelledConfig):
-    """`UnlabelledConfig` plus pre-training's settings; defaults are the spec's for
+    """`UnlabelledConfig` plus pre-training's settings; defaults are the paper's for
     ``base`` (400k steps of 560 clips of 10 s, lr 5e-4, 32k warm-up then linear decay to 0,
     AdamW (0.9, 0.98), weight decay 0.01, clip 1.0, bf16); `for_preset` gives a preset's
     own (``tiny``: `TRAINING_PRESETS`).
