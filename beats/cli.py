@@ -49,12 +49,13 @@ EXIT_CODES: dict[int, str] = {
 }
 # The codes that only some commands return, and those commands (the rest: every command).
 EXIT_CODE_COMMANDS: dict[int, tuple[str, ...]] = {
-    EXIT_FAILED_INPUTS: ("extract", "tag", "tokenize", "probe", *TRAINING),
+    EXIT_FAILED_INPUTS: ("extract", "tag", "detect", "tokenize", "probe", *TRAINING),
     EXIT_DIVERGED: TRAINING,
 }
 # Where each command lists the inputs it skipped (exit code 1), with the reasons.
 SKIPPED_LISTED: dict[str, str] = {
     "extract": "OUT/manifest.jsonl", "tokenize": "OUT/manifest.jsonl",
+    "detect": "OUT/manifest.jsonl",
     "tag": "its output", "probe": "OUT/failed.jsonl (with --predict: its output)",
     "finetune": "OUT/failed.jsonl", "pretrain": "OUT/failed.jsonl",
     "distill": "OUT/failed.jsonl", "iterate": "each stage's failed.jsonl",
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"beats.commands.{name}")
         module.add_parser(sub)
         sub.choices[name].formatter_class = HelpFormatter  # every option shows its default
-        sub.choices[name].epilog = exit_code_help(name)
+        own = sub.choices[name].epilog  # the command's examples, then the codes
+        sub.choices[name].epilog = (f"{own}\n\n" if own else "") + exit_code_help(name)
     return parser
 
 
