@@ -4,10 +4,11 @@ Each subcommand lives in ``beats/commands/<name>.py`` with ``add_parser(subparse
 ``run(args) -> int``; this module dispatches, so subcommands import their heavy
 dependencies when they run.
 
-Exit codes: 0 done, 1 some inputs failed (the subcommand reports which), 2 bad arguments
-or setup, 3 a bug in beats. Setup errors are the package's known error types (`setup_error`
-lists them): they print one line, ``beats COMMAND: error: WHAT (WHAT TO DO)``, never a
-traceback. Anything else is a bug: its traceback is printed, to be reported.
+Exit codes are one contract for every command, written once in `EXIT_CODES`; ``beats
+--help``, each command's ``--help`` (`exit_code_help`) and the documentation are made from
+it. Setup errors are the package's known error types (`setup_error` lists them): they
+print one line, ``beats COMMAND: error: WHAT (WHAT TO DO)``, never a traceback. Anything
+else is a bug: its traceback is printed, to be reported.
 """
 
 from __future__ import annotations
@@ -34,6 +35,50 @@ INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells use
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP, EXIT_BUG = 0, 1, 2, 3
 EXIT_DIVERGED = 4  # a training command's loss or gradient norm stopped being finite
 
+TRAINING = ("finetune", "pretrain", "distill", "iterate")
+# The exit codes of every command, code -> meaning: the one table `beats --help`, each
+# command's --help (`exit_code_help`) and the documentation are made from.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "all done",
+    EXIT_FAILED_INPUTS: "the job completed, but some inputs could not be used and were skipped",
+    EXIT_SETUP: "bad arguments, input or setup: one line says what was wrong and what to do",
+    EXIT_BUG: "a bug in beats: the traceback is printed; please report it",
+    EXIT_DIVERGED: "a training run diverged (its loss or gradient norm stopped being "
+                   "finite); the last good training state is kept",
+    INTERRUPTED: "interrupted (Ctrl-C); what was finished is kept",
+}
+# The codes that only some commands return, and those commands (the rest: every command).
+EXIT_CODE_COMMANDS: dict[int, tuple[str, ...]] = {
+    EXIT_FAILED_INPUTS: ("extract", "tag", "detect", "tokenize", "probe", *TRAINING),
+    EXIT_DIVERGED: TRAINING,
+}
+# Where each command lists the inputs it skipped (exit code 1), with the reasons.
+SKIPPED_LISTED: dict[str, str] = {
+    "extract": "OUT/manifest.jsonl", "tokenize": "OUT/manifest.jsonl",
+    "detect": "OUT/manifest.jsonl",
+    "tag": "its output", "probe": "OUT/failed.jsonl (with --predict: its output)",
+    "finetune": "OUT/failed.jsonl", "pretrain": "OUT/failed.jsonl",
+    "distill": "OUT/failed.jsonl", "iterate": "each stage's failed.jsonl",
+}
+
+
+def exit_code_help(command: str | None = None) -> str:
+    """The exit codes that ``command`` can return (None: every code, with the commands
+    that return it when not all do), as the lines of a ``--help`` epilog."""
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES.items():
+        commands = EXIT_CODE_COMMANDS.get(code, ())
+        if command is not None and commands and command not in commands:
+            continue
+        if code == EXIT_FAILED_INPUTS:
+            where = SKIPPED_LISTED.get(command or "", "OUT/failed.jsonl or OUT/manifest.jsonl")
+            meaning = f"{meaning}; each is listed with its reason in {where}"
+        if command is None and commands:
+            meaning = f"{meaning} ({', '.join(commands)})"
+        lines.append(f"  {code:<4} {meaning}")
+    return "\n".join(lines)
+
+
 # Set BEATS_DEBUG=1 to see the traceback behind a one-line setup error too.
 DEBUG_ENV = "BEATS_DEBUG"
 
@@ -41,8 +86,7 @@ DEBUG_ENV = "BEATS_DEBUG"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beats", description="BEATs audio embeddings: exact, batch-invariant, fast.",
-        epilog="Exit codes: 0 done, 1 some inputs failed, 2 bad arguments or setup, "
-               "3 a bug in beats (please report it). `beats COMMAND --help` for each command.",
+        epilog="`beats COMMAND --help` for each command.\n\n" + exit_code_help(),
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"beats {__version__}")
@@ -51,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"beats.commands.{name}")
         module.add_parser(sub)
         sub.choices[name].formatter_class = HelpFormatter  # every option shows its default
+        own = sub.choices[name].epilog  # the command's examples, then the codes
+        sub.choices[name].epilog = (f"{own}\n\n" if own else "") + exit_code_help(name)
     return parser
 
 

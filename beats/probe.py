@@ -1,10 +1,11 @@
 """Linear and attentive probes on BEATs embeddings (``beats probe``).
 
-A labelled set comes from a folder (one subfolder per class) or a CSV with columns
-``path,label[,fold]`` (paths relative to the CSV; several labels joined by ``;`` make the
-task multi-label). Embeddings come from a ``beats extract`` output folder (matched by
-input path, nothing recomputed) or are computed from the audio into ``OUT/embeddings``
-with the same engine, so both routes train on the same numbers.
+The labelled set is read and split by `beats.labelled` (a folder with one subfolder per
+class, a CSV, a strong-label TSV). Embeddings come from a ``beats extract`` output folder
+(matched by input path, nothing recomputed) or are computed from the audio into
+``OUT/embeddings`` with the same engine (long files in windows), so both routes train on
+the same numbers. A file that cannot be embedded is left out and listed in
+``OUT/failed.jsonl``.
 
 Training is a plain loop: features standardised with training-set statistics, AdamW,
 mini-batches, early stopping on the validation metric (accuracy, or mAP for multi-label;
@@ -14,10 +15,9 @@ ties go to the lower validation loss), best weights kept. The probe is saved as
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,139 +27,55 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .audio import AUDIO_EXTENSIONS
+from .errors import InputError
 from .files import InputFile, atomic_path, atomic_write
 from .heads import Head, classification_loss
+from .labelled import (  # noqa: F401 - the probe's data, kept importable from here
+    LabelledSet,
+    read_csv,
+    read_folder,
+    read_labelled_set,
+    split_by_file,
+    stratified_split,
+)
 from .manifest import FAILED, latest_by_key, read_manifest
 from .metrics import accuracy, macro_f1, mean_average_precision
 
 KINDS = ("linear", "attentive")
+# What a probe writes into its folder; a folder holding one of them holds a probe.
+PROBE_FILES = ("head.safetensors", "head.json", "report.json")
+FAILED_FILE = "failed.jsonl"  # files that could not be embedded (manifest records)
 
 
 # --------------------------------------------------------------------------- data
-@dataclass
-class LabelledSet:
-    """Audio files with labels. ``labels[i]`` is a tuple of class names."""
-
-    paths: list[Path]
-    labels: list[tuple[str, ...]]
-    folds: list[str | None]
-    classes: list[str] = field(default_factory=list)
-    multilabel: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.paths:
-            raise ValueError("the labelled set is empty")
-        if not self.classes:
-            self.classes = sorted({c for labels in self.labels for c in labels})
-        if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, found {self.classes}")
-        self.multilabel = self.multilabel or any(len(ls) != 1 for ls in self.labels)
-
-    def targets(self) -> torch.Tensor:
-        """(N,) class indices, or (N, K) 0/1 for multi-label."""
-        index = {c: i for i, c in enumerate(self.classes)}
-        if not self.multilabel:
-            return torch.tensor([index[ls[0]] for ls in self.labels])
-        out = torch.zeros(len(self.labels), len(self.classes))
-        for i, ls in enumerate(self.labels):
-            out[i, [index[c] for c in ls]] = 1.0
-        return out
-
-
-def read_folder(root: str | os.PathLike) -> LabelledSet:
-    """One subfolder per class; audio files found recursively inside each."""
-    root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths, labels = [], []
-    for name in classes:
-        for dirpath, dirs, files in os.walk(root / name):
-            dirs.sort()
-            for f in sorted(files):
-                if f.lower().endswith(AUDIO_EXTENSIONS) and not f.startswith("."):
-                    paths.append((Path(dirpath) / f).resolve())
-                    labels.append((name,))
-    if not paths:
-        raise ValueError(f"{root}: no audio files in class subfolders (expected {root}/CLASS/*)")
-    return LabelledSet(paths, labels, [None] * len(paths), classes)
-
-
-def read_csv(path: str | os.PathLike) -> LabelledSet:
-    """A labelled table, in one of two layouts (paths relative to the CSV):
-
-    - ``path,label[,fold]``: ``label`` holds one class, or several joined by ``;``
-      (multi-label);
-    - ``path,CLASS_1,...,CLASS_K[,fold]``: a multi-label header naming the classes, each
-      row 1 (or 0 / empty) under each class.
-
-    A row whose fields do not match the header is refused with its line number.
-    """
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        rows = list(reader)
-    if "path" not in header or len(header) < 2:
-        raise ValueError(f"{path}: needs a header with columns path,label[,fold] (or "
-                         "path,CLASS_1,...,CLASS_K[,fold] for multi-label)")
-    wide = "label" not in header
-    classes = [h for h in header if h not in ("path", "fold")] if wide else []
-    if wide and len(classes) < 2:
-        raise ValueError(f"{path}: a multi-label header needs 2 or more class columns after "
-                         f"'path', got {classes}")
-    paths, labels, folds = [], [], []
-    for number, row in enumerate(rows, start=2):
-        if None in row or any(v is None for v in row.values()):
-            raise ValueError(f"{path}:{number}: the row has a different number of fields "
-                             f"than the header ({len(header)}: {','.join(header)})")
-        row = {k.strip(): v.strip() for k, v in row.items()}
-        if wide:
-            bad = {c: row[c] for c in classes if row[c] not in ("0", "1", "")}
-            if bad:
-                raise ValueError(f"{path}:{number}: {bad} do not match the multi-label "
-                                 "header: each class column holds 1 (has the label) or 0")
-            names = tuple(sorted(c for c in classes if row[c] == "1"))
-        else:
-            names = tuple(sorted({x.strip() for x in row["label"].split(";") if x.strip()}))
-            if not names:
-                raise ValueError(f"{path}:{number}: empty label")
-        p = Path(row["path"])
-        paths.append((p if p.is_absolute() else path.parent / p).resolve())
-        labels.append(names)
-        folds.append(row.get("fold") or None)
-    return LabelledSet(paths, labels, folds, classes=sorted(classes), multilabel=wide)
-
-
-def read_labelled_set(source: str | os.PathLike) -> LabelledSet:
-    source = Path(source)
-    if source.is_dir():
-        return read_folder(source)
-    if source.suffix.lower() == ".csv":
-        return read_csv(source)
-    raise ValueError(f"{source}: give a folder with one subfolder per class, or a .csv")
-
-
 def input_files(paths: list[Path]) -> list[InputFile]:
     """Inputs keyed by their path below the files' common folder."""
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     return [InputFile(p, p.relative_to(root).as_posix()) for p in paths]
 
 
-def load_cached(embeddings_dir: str | os.PathLike, paths: list[Path]) -> list[np.ndarray]:
-    """The embeddings a ``beats extract`` run wrote for ``paths`` (matched by absolute path)."""
+def load_embeddings(embeddings_dir: str | os.PathLike, paths: list[Path]
+                    ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    """The embeddings a ``beats extract`` run wrote for ``paths`` (matched by absolute path):
+    ``arrays[i]`` for ``paths[i]``, None where the run recorded it as failed, and those
+    failures as ``[(path, error)]``. A path the run never saw is an `InputError`."""
     out_dir = Path(embeddings_dir)
     records = latest_by_key(read_manifest(out_dir / "manifest.jsonl"))
     if not records:
-        raise FileNotFoundError(f"{out_dir}: no manifest.jsonl; is it a `beats extract` output?")
+        raise InputError(f"{out_dir}: no manifest.jsonl; is it a `beats extract` output?")
     by_input = {str(Path(r.input).resolve()): r for r in records.values()}
     shards: dict[str, dict[str, np.ndarray]] = {}
-    arrays, missing = [], []
+    arrays: list[np.ndarray | None] = []
+    failed, missing = [], []
     for p in paths:
         record = by_input.get(str(p))
-        if record is None or record.status == FAILED or record.output is None:
+        if record is None:
             missing.append(str(p))
-            continue
-        if "#" in record.output:
+            arrays.append(None)
+        elif record.status == FAILED or record.output is None:
+            failed.append((str(p), record.error or "no embedding was written"))
+            arrays.append(None)
+        elif "#" in record.output:
             shard, key = record.output.split("#", 1)
             if shard not in shards:
                 shards[shard] = load_numpy(out_dir / shard)
@@ -167,11 +83,26 @@ def load_cached(embeddings_dir: str | os.PathLike, paths: list[Path]) -> list[np
         else:
             arrays.append(np.load(out_dir / record.output))
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} labelled file(s) have no embedding in {out_dir}, e.g. "
             f"{missing[:3]}; run `beats extract` on them (or train from audio)"
         )
-    return arrays
+    return arrays, failed
+
+
+def load_cached(embeddings_dir: str | os.PathLike, paths: list[Path]) -> list[np.ndarray]:
+    """`load_embeddings` where every file must have its embedding (a failed one is an
+    `InputError`)."""
+    arrays, failed = load_embeddings(embeddings_dir, paths)
+    if failed:
+        raise InputError(f"{len(failed)} labelled file(s) could not be embedded, e.g. "
+                         f"{failed[0][0]}: {failed[0][1]}")
+    return [a for a in arrays if a is not None]
+
+
+def holds_probe(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a probe (`PROBE_FILES`)."""
+    return any((Path(out_dir) / name).exists() for name in PROBE_FILES)
 
 
 # --------------------------------------------------------------------------- model
@@ -293,24 +224,6 @@ def fit(probe: Probe, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
         probe.load_state_dict(best_state)
     probe.eval()
     return history
-
-
-def stratified_split(labels: list[tuple[str, ...]], rows: list[int], fraction: float,
-                     seed: int) -> tuple[list[int], list[int]]:
-    """Split ``rows`` into (kept, held out) with about ``fraction`` of each class held out."""
-    if fraction <= 0:
-        return rows, []
-    rng = np.random.default_rng(seed)
-    by_class: dict[tuple[str, ...], list[int]] = {}
-    for r in rows:
-        by_class.setdefault(labels[r][:1], []).append(r)
-    kept, held = [], []
-    for members in by_class.values():
-        members = list(rng.permutation(members))
-        n = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
-        held += members[:n]
-        kept += members[n:]
-    return sorted(kept), sorted(held)
 
 
 # --------------------------------------------------------------------------- storage

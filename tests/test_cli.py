@@ -48,6 +48,24 @@ def test_help_lists_the_subcommands():
     assert "models" in done.stdout and "convert" in done.stdout
 
 
+def test_every_help_states_the_one_exit_code_table(capsys):
+    from beats.cli import EXIT_CODE_COMMANDS, EXIT_CODES
+
+    for name in (None, *SUBCOMMANDS):
+        with pytest.raises(SystemExit):
+            main([name, "--help"] if name else ["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert text.count("exit codes:") == 1 and "Exit codes" not in text, name
+        for code, meaning in EXIT_CODES.items():
+            commands = EXIT_CODE_COMMANDS.get(code, ())
+            applies = name is None or not commands or name in commands
+            assert (f" {code} {meaning}" in text) == applies, (name, code)
+        if name in ("finetune", "pretrain", "distill"):
+            assert ("1 the job completed, but some inputs could not be used and were "
+                    "skipped; each is listed with its reason in OUT/failed.jsonl") in text
+    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 130}
+
+
 def test_no_subcommand_prints_usage(capsys):
     assert main([]) == 2
     assert "usage: beats" in capsys.readouterr().err

@@ -265,6 +265,21 @@ def test_bad_input_errors_before_training(whole, tmp_path, sound_classes_dir, ti
         assert not out.exists()
 
 
+def test_no_readable_audio_stops_before_training(tmp_path, tiny_checkpoint, student, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"x{i}.flac").write_bytes(b"fLaC broken")
+    out = tmp_path / "out"
+    code, err = distill_here(capsys, str(bad), "-o", str(out), "--teacher", str(tiny_checkpoint),
+                             "--config", str(student["tiny"]), "--steps", "1", "--batch-size",
+                             "2", "--crop", "1", "-q", "-j", "0")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"none of the 2 input file(s) could be read (see {out / 'failed.jsonl'}" in err
+    assert len((out / "failed.jsonl").read_text().splitlines()) == 2
+    assert not (out / "tokenizer").exists() and not (out / "config.json").exists()
+
+
 def test_help_documents_every_option_and_the_target(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["distill", "--help"])

@@ -160,7 +160,8 @@ def test_unreadable_files_are_recorded_and_skipped(tmp_path, sound_classes_dir, 
     out = tmp_path / "out"
     proc = finetune(str(data), "-o", str(out), "-m", str(tiny_checkpoint), "--steps", "2",
                     "--batch-size", "4", "-j", "0", "-q", "--crop-seconds", "1")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # completed, some inputs skipped
+    assert "2 file(s) could not be read and were skipped" in proc.stderr
     failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in failed) == ["broken.wav", "empty.flac"]
     assert all(r["status"] == "failed" and r["error"] for r in failed)
@@ -346,3 +347,99 @@ def test_help_documents_every_option_with_its_default():
     # every valued option, and -m (the registry's default model)
     assert text.count("(default: ") == sum(kind != "flag" for *_, kind, _ in OPTIONS) + 1
     assert "--test-fraction" in text and "--val-fold" in text and "--cv" in text
+
+
+# --------------------------------------------------------------------------- data and resume
+def test_duplicated_rows_are_one_file_each_in_one_split(tmp_path, sound_classes_dir,
+                                                         tiny_checkpoint, capsys):
+    from beats.cli import main
+
+    rows = [f"{p},{c}" for c in ("noise", "speech", "tonal")
+            for p in sorted((sound_classes_dir / c).glob("*.wav"))[:6]]
+    table = tmp_path / "twice.csv"
+    table.write_text("path,label\n" + "".join(f"{r}\n" for r in rows + rows))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["finetune", str(table), "-o", str(out), "-m", str(tiny_checkpoint),
+                 "--steps", "1", "--batch-size", "4", "--crop-seconds", "1", "-j", "0", "-q",
+                 "--val-fraction", "0.2", "--test-fraction", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("18 duplicate row(s) dropped") == 1 and err.startswith(
+        "beats finetune: warning: "), err
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips"] == 18  # not 36
+    assert (report["train_clips"], report["val_clips"], report["test_clips"]) == (12, 3, 3)
+    assert report["train"]["clips"] + report["val"]["clips"] + report["test"]["clips"] == 18
+
+
+def test_a_long_file_is_evaluated_in_windows_within_bounded_memory(tmp_path, sound_classes_dir,
+                                                                   tiny_checkpoint):
+    """A 3-minute 8 kHz file among short clips: read whole in one batch, its attention alone
+    would take several GB; in windows the run stays far below the 2.5 GB it may use."""
+    import resource
+
+    from .audio_files import sox
+
+    data = _small_copy(sound_classes_dir, tmp_path / "data", per_class=3)
+    sox("-n", "-r", "8000", "-b", "16", str(data / "noise" / "long.wav"), "synth", "180",
+        "whitenoise", "vol", "0.3")
+    out = tmp_path / "out"
+    limit = 2500 * 2**20
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "beats", "finetune", str(data), "-o", str(out), "-m",
+             str(tiny_checkpoint), "--steps", "2", "--batch-size", "4", "--crop-seconds", "1",
+             "-j", "0", "-q", "--val-fraction", "0", "--test-fraction", "0"],
+            stderr=err, stdout=subprocess.DEVNULL, preexec_fn=cap,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()
+    peak_mb = usage.ru_maxrss / 1024
+    assert peak_mb < 1200, peak_mb
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["clips"] == 10 and report["failed_files"] == []
+
+
+def test_resume_checks_model_classes_and_data_and_never_rewrites_a_finished_run(
+        finetuned, sound_classes_dir, tiny_checkpoint, tmp_path, capsys):
+    from beats.cli import main
+
+    from .conftest import tiny_config
+
+    before = {p: p.read_bytes() for p in finetuned.rglob("*") if p.is_file()}
+
+    def resume(data, model=tiny_checkpoint, *extra: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["finetune", str(data), "-o", str(finetuned), "-m", str(model), *FAST,
+                     *extra, "--resume"])
+        return code, capsys.readouterr().err
+
+    code, err = resume(sound_classes_dir)  # the same settings: it is finished
+    assert code == 0 and "is finished (same settings, model and data): nothing to do" in err
+    torch.manual_seed(1)
+    other = BEATs(tiny_config()).save_pretrained(tmp_path / "other")
+    two = tmp_path / "two"  # two of the three classes, the same files
+    two.mkdir()
+    for c in ("noise", "speech"):
+        (two / c).symlink_to(sound_classes_dir / c)
+    fewer = tmp_path / "fewer"  # the same classes, one file less
+    for c in ("noise", "speech", "tonal"):
+        (fewer / c).mkdir(parents=True)
+        for p in sorted((sound_classes_dir / c).glob("*.wav"))[c == "tonal":]:
+            (fewer / c / p.name).symlink_to(p)
+    for args, what in [((sound_classes_dir, other), "another model (weights "),
+                       ((two,), "another class set ([\"noise\", \"speech\", \"tonal\"] -> "
+                                "[\"noise\", \"speech\"])"),
+                       ((fewer,), "another data list (files 60 -> 59; digest "),
+                       ((sound_classes_dir, tiny_checkpoint, "--lr", "1e-3"),
+                        "other settings (lr: 0.002 -> 0.001)")]:
+        code, err = resume(*args)
+        assert code == 2 and err.count("\n") == 1 and what in err, err
+        assert err.startswith(f"beats finetune: error: cannot resume in {finetuned}: ")
+    assert {p: p.read_bytes() for p in finetuned.rglob("*") if p.is_file()} == before

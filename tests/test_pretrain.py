@@ -224,7 +224,7 @@ def test_unreadable_files_are_recorded_and_skipped(tmp_path, sound_classes_dir, 
     out = tmp_path / "out"
     proc = pretrain(str(listed), "-o", str(out), "--config", str(small_config), "--steps",
                     "3", "--batch-size", "7", "--crop", "1", "-j", "0")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # completed, some inputs skipped
     failed = {json.loads(x)["input"] for x in (out / "failed.jsonl").read_text().splitlines()}
     assert failed == {str(broken), str(tmp_path / "gone.wav")}
     assert "2 file(s) could not be read" in proc.stderr
@@ -316,9 +316,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, split, small_config):
                 for x in lines(out)]
 
     assert timeless(out) == timeless(whole)
-    proc = pretrain(str(held), "--config", str(small_config), "-o", str(out), "--resume",
-                    "--steps", "12", "-q")
-    assert proc.returncode == 2 and "other files" in proc.stderr
+    before = {p: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
+    other = [str(held), *common[1:]]
+    proc = pretrain(*other, "-o", str(out), "--resume")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "the earlier run used other audio files (files 48 -> 12; digest " in proc.stderr
+    proc = pretrain(*common, "-o", str(out), "--resume")  # finished: nothing to do
+    assert proc.returncode == 0 and "is finished" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in before} == before
 
 
 # --------------------------------------------------------------------------- processes
@@ -362,3 +367,34 @@ def test_help_lists_the_options_with_defaults():
         assert flag in text, flag
     assert "(default: 400000)" in text and "with --config tiny: 2000" in text
     assert "--warmup-steps WARMUP_STEPS, --warmup WARMUP_STEPS" in text  # the name
+
+
+def test_no_readable_audio_stops_before_training_and_too_little_is_said(
+        tmp_path, sound_classes_dir, small_config, capsys):
+    from beats.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.wav").write_bytes(b"RIFF\x00\x00 not audio")
+    out = tmp_path / "out"
+    run = ["--config", str(small_config), "--steps", "1", "--batch-size", "8", "--crop", "2",
+           "-q", "-j", "0"]
+    capsys.readouterr()
+    assert main(["pretrain", str(bad), "-o", str(out), *run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("beats pretrain: error: none of the 3 "
+                                                   "input file(s) could be read (see "
+                                                   f"{out / 'failed.jsonl'} for why)"), err
+    assert len((out / "failed.jsonl").read_text().splitlines()) == 3
+    assert not (out / "model").exists() and not (out / "config.json").exists()
+
+    short = tmp_path / "short"
+    short.mkdir()
+    from .audio_files import sox_tone
+
+    sox_tone(short / "a.wav", seconds=0.5)
+    assert main(["pretrain", str(short), "-o", str(tmp_path / "o2"), *run]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("beats pretrain: warning: the readable audio (0.5 s in 1 file(s)) "
+                          "is shorter than one step's crops (8 x 2 s = 16 s)"), err

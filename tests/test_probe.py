@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from beats import BEATs
-from beats.probe import LabelledSet, metrics, read_csv, stratified_split
+from beats.probe import metrics, read_csv, read_labelled_set, stratified_split
 
 from .audio_files import needs_espeak, needs_sox
 from .conftest import tiny_config
@@ -111,8 +111,9 @@ def test_csv_multilabel_and_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("file,class\na.wav,x\n")
     with pytest.raises(ValueError, match="path,label"):
         read_csv(tmp_path / "bad.csv")
+    (tmp_path / "one.csv").write_text("path,label\na.wav,x\nb.wav,x\n")
     with pytest.raises(ValueError, match="at least 2 classes"):
-        LabelledSet([tmp_path / "a.wav"], [("x",)], [None])
+        read_labelled_set(tmp_path / "one.csv")
 
 
 def test_stratified_split_keeps_every_class():
@@ -121,3 +122,53 @@ def test_stratified_split_keeps_every_class():
     assert sorted(kept + held) == list(range(15))
     assert sum(labels[r] == ("a",) for r in held) == 2
     assert sum(labels[r] == ("b",) for r in held) == 1
+
+
+def test_bad_files_are_skipped_and_a_used_folder_is_refused_unless_forced(
+        dataset, tiny_model, tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from beats.cli import main
+
+    nan = tmp_path / "nan.wav"
+    sf.write(str(nan), np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    rows = [f"{p},{c}" for c in ("speech", "tonal", "noise")
+            for p in sorted((dataset / c).glob("*.wav"))[:4]]
+    rows += [f"{nan},noise", f"{tmp_path / 'gone.wav'},speech"]
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"{r}\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["probe", str(table), "-o", str(out), "-m", tiny_model, "-j", "0", "-q",
+            "--epochs", "5", "--test-fraction", "0.25"]
+    capsys.readouterr()
+    assert main(args) == 1  # the job completed, two inputs skipped
+    err = capsys.readouterr().err
+    assert f"2 file(s) could not be embedded and were skipped (see {out / 'failed.jsonl'})" in err
+    failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in failed) == ["gone.wav", "nan.wav"]
+    assert all(r["status"] == "failed" and r["error"] for r in failed)
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips"] == 12 and len(report["failed_files"]) == 2
+    assert report["train_clips"] + report["val_clips"] + report["test_clips"] == 12
+
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main([*args, "--kind", "attentive"]) == 2  # the folder holds a probe
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a probe" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+    assert main([*args, "--kind", "attentive", "--force"]) == 1
+    meta = json.loads((out / "head.json").read_text())
+    assert meta["kind"] == "attentive" and meta["embedding"]["time_pooling"] == "none"
+    assert len((out / "failed.jsonl").read_text().splitlines()) == 2  # this run's, not both
+
+
+def test_fractions_are_checked_as_options(tmp_path, capsys):
+    from beats.cli import main
+
+    for option in ("--val-fraction", "--test-fraction"):
+        with pytest.raises(SystemExit) as e:
+            main(["probe", str(tmp_path), "-o", str(tmp_path / "o"), option, "1.5"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2
+        assert f"argument {option}: must lie in [0, 1) (a share of the files), got 1.5" in err

@@ -2,13 +2,22 @@
 
 The types make argparse itself refuse a bad value, so the message names the flag and the
 value (``argument -b/--batch-size: must be a positive integer, got 0``) and the exit code
-is 2, like every other bad argument.
+is 2, like every other bad argument. `warnings_as_lines` shows the package's warnings as
+one line each, as the command line shows errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import sys
+import textwrap
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+from ..files import printable
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -28,6 +37,20 @@ class HelpFormatter(argparse.HelpFormatter):
             return text
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Paragraphs filled one by one; a line starting with spaces is a table row
+        (``  CODE  meaning``) whose continuation lines hang under its meaning."""
+        out = []
+        for line in text.splitlines():
+            row = re.match(r"^(\s+\S+\s+)(.*)$", line)
+            if row:
+                lead = indent + row.group(1)
+                out.append(textwrap.fill(row.group(2), width, initial_indent=lead,
+                                         subsequent_indent=" " * len(lead)))
+            else:
+                out.append(super()._fill_text(line, width, indent) if line.strip() else "")
+        return "\n".join(out)
 
 
 def positive_int(text: str) -> int:
@@ -62,6 +85,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A share in [0, 1) (of the files held out for validation or testing)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (a share of the files), got "
+                                         f"{text}")
+    return value
+
+
 def output_folder(text: str) -> str:
     """A folder to write into: absent (it is created) or an existing folder, not a file."""
     path = Path(text)
@@ -87,3 +119,16 @@ def _float(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+@contextlib.contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    """While the block runs, each warning is one line on stderr, ``beats COMMAND: warning:
+    WHAT``, instead of Python's two (file, line and source)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        print(f"beats {command}: warning: {printable(text)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

@@ -45,8 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=("Examples: beats detect recordings/ -o events/ --threshold 0.3 "
                 "--median-filter 0.5; arecord -f S16_LE -r 16000 -c 1 | beats detect - "
-                "--stream. Exit codes: 0 done, 1 some inputs failed (see manifest.jsonl), 2 "
-                "bad arguments, input or setup, 3 a bug in beats."),
+                "--stream."),
     )
     p.add_argument("inputs", nargs="+", help="audio files, folders or list files; - with --stream")
     p.add_argument("-o", "--output", type=output_folder, default=None,

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arguments import non_negative_float, non_negative_int, output_folder, positive_int
+from .arguments import (
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    warnings_as_lines,
+)
+from .finetune import interrupted
 from .training import (
     LENGTH,
     OPTIMISER,
@@ -75,9 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "checkpoint for BEATsTokenizer.from_pretrained and `beats tokenize -m`; the "
             "estimator is dropped), OUT/metrics.jsonl (loss, cosine, commitment, "
             "codebook_usage: codes hit per step, codebook_usage_recent, perplexity, lr, "
-            "audio_seconds_per_second), OUT/config.json and OUT/state (for --resume). "
-            "Several processes: torchrun --nproc-per-node N -m beats distill ... "
-            "Exit codes: 0 done, 2 bad input or setup, 3 a bug, 4 training diverged."
+            "audio_seconds_per_second), OUT/config.json, OUT/failed.jsonl (files that could "
+            "not be read, skipped; when none can be, nothing is trained) and OUT/state (for "
+            "--resume: same settings, teacher, student and audio only). Several processes: "
+            "torchrun --nproc-per-node N -m beats distill ..."
         ),
     )
     build(p)
@@ -109,10 +117,21 @@ def run(args: argparse.Namespace) -> int:
                          "OUT/config.json)")
     cfg = config_from_args(DistillConfig, args)
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
-    result = distill(args.teacher, args.audio, cfg, args.output,
-                     heldout=args.heldout or (), teacher_name=args.teacher)
+    try:
+        with warnings_as_lines("distill"):
+            result = distill(args.teacher, args.audio, cfg, args.output,
+                             heldout=args.heldout or (), teacher_name=args.teacher)
+    except KeyboardInterrupt:
+        return interrupted("distill", args.output)
+    out = Path(args.output)
+    if result.fit.finished_before:
+        print(f"beats distill: the run in {out} is finished (same settings, teacher and "
+              f"audio): nothing to do; its tokenizer is {out / 'tokenizer'}", file=sys.stderr)
+        return 0
+    if result.fit.failed:
+        print(f"beats distill: {len(result.fit.failed)} file(s) could not be read and were "
+              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
     if not args.quiet:
-        out = Path(args.output)
         last = _last_line(out)
         size = result.tokenizer.cfg.quant_n
         if last:
@@ -121,12 +140,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{last['codebook_usage_recent']:.0f} of {size} in the last "
                   f"{cfg.usage_window} steps, perplexity {last['perplexity']:.1f}",
                   file=sys.stderr)
-        if result.fit.failed:
-            print(f"{len(result.fit.failed)} file(s) could not be read and were skipped "
-                  f"(see {out / 'failed.jsonl'})", file=sys.stderr)
         print(f"tokenizer saved to {out / 'tokenizer'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 0
+    return 1 if result.fit.failed else 0
 
 
 def _last_line(out: Path) -> dict | None:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 from .arguments import (
+    fraction,
     non_negative_float,
     non_negative_int,
     output_folder,
     positive_float,
     positive_int,
+    warnings_as_lines,
 )
 from .training import (
     LENGTH,
@@ -56,10 +58,10 @@ OPTIONS: list[Option] = [
      "+ 0.01) over a clip's labels)"),
     ("crop_seconds", ("--crop-seconds",), positive_float,
      "training reads random crops of this length from longer clips (evaluation: whole clips)"),
-    ("val_fraction", ("--val-fraction",), non_negative_float,
-     "share of clips per class for validation"),
-    ("test_fraction", ("--test-fraction",), non_negative_float,
-     "share of clips per class held out"),
+    ("val_fraction", ("--val-fraction",), fraction,
+     "share of each class's files for validation"),
+    ("test_fraction", ("--test-fraction",), fraction,
+     "share of each class's files held out"),
     ("val_fold", ("--val-fold",), str, "CSV fold used for validation (best checkpoint)"),
     ("test_fold", ("--test-fold",), str, "CSV fold held out for scoring"),
     ("patience", ("--patience",), non_negative_int,
@@ -76,13 +78,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune the whole model on labelled audio (single- or multi-label)",
         description=(
-            "Fine-tune a BEATs checkpoint on DATA: a folder with one subfolder per class, or "
+            "Fine-tune a BEATs checkpoint on DATA: a folder with one subfolder per class, "
             "a CSV path,label[,fold] (labels joined by ';' for multi-label) or "
-            "path,CLASS_1,...,CLASS_K[,fold] with 0/1 cells. Writes OUT/model (a fine-tuned "
-            "checkpoint with your class names: best validation step), OUT/model-last, "
-            "OUT/report.json, OUT/metrics.jsonl, OUT/config.json and OUT/state (for "
-            "--resume). Several processes: torchrun --nproc-per-node N -m beats finetune ... "
-            "Exit codes: 0 done, 2 bad input or setup, 3 a bug, 4 training diverged."
+            "path,CLASS_1,...,CLASS_K[,fold] with 0/1 cells, or a strong-label TSV (its "
+            "files' labels are their events' classes). Each file is in one split only. "
+            "Writes OUT/model (a fine-tuned checkpoint with your class names: best "
+            "validation step), OUT/model-last, OUT/report.json, OUT/metrics.jsonl, "
+            "OUT/config.json, OUT/failed.jsonl (files that could not be read, skipped) and "
+            "OUT/state (for --resume: same settings, model, classes and data only). Several "
+            "processes: torchrun --nproc-per-node N -m beats finetune ..."
         ),
     )
     build(p)
@@ -115,8 +119,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(FinetuneConfig, args)
     model = args.model or _default_model()
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
-    result = finetune(model, args.data, cfg, args.output, cv=args.cv, model_name=str(model))
+    try:
+        with warnings_as_lines("finetune"):
+            result = finetune(model, args.data, cfg, args.output, cv=args.cv,
+                              model_name=str(model))
+    except KeyboardInterrupt:
+        return interrupted("finetune", args.output)
     report = result.report
+    out = Path(args.output)
+    if result.fit.finished_before:
+        print(f"beats finetune: the run in {out} is finished (same settings, model and "
+              f"data): nothing to do; its model is {out / 'model'}", file=sys.stderr)
+        return 0
+    if report["failed_files"]:
+        print(f"beats finetune: {len(report['failed_files'])} file(s) could not be read and "
+              f"were skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
     if not args.quiet:
         for split in ("val", "test"):
             if split in report:
@@ -127,12 +144,17 @@ def run(args: argparse.Namespace) -> int:
         if "cv" in report:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in report["cv"]["mean"].items())
             print(f"cross-validation mean: {shown}", file=sys.stderr)
-        if report["failed_files"]:
-            print(f"{len(report['failed_files'])} file(s) could not be read and were skipped "
-                  f"(see {args.output}/failed.jsonl)", file=sys.stderr)
-        print(f"model saved to {Path(args.output) / 'model'} (best step {report['best_step']}"
+        print(f"model saved to {out / 'model'} (best step {report['best_step']}"
               f" of {report['steps']}, {report['training_seconds']:.0f} s)", file=sys.stderr)
-    return 0
+    return 1 if report["failed_files"] else 0
+
+
+def interrupted(command: str, output: str) -> int:
+    """Ctrl-C in a training command: one line; exit code 130."""
+    print(f"beats {command}: interrupted; the last checkpoint is in "
+          f"{Path(output) / 'state'}: the same command with --resume continues the run",
+          file=sys.stderr)
+    return 130
 
 
 def _default_model() -> str:

@@ -28,8 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "an interruption: finished stages are skipped and the interrupted one resumes "
             "from its last checkpoint. Ends with a table per iteration (masked accuracy, "
             "labels used, codebook usage, probe accuracy with --probe), also in "
-            "OUT/summary.json. Exit codes: 0 done, 2 bad input or setup, 3 a bug, "
-            "4 training diverged."),
+            "OUT/summary.json."),
     )
     build(p)
 
@@ -151,7 +150,7 @@ def probe(data: str, seed: int, device: str, quiet: bool):
                 str(seed), "--device", device, "-j", "0"] + (["-q"] if quiet else [])
         code = main(argv)
         report = out / "report.json"
-        if code != 0 or not report.is_file():
+        if code not in (0, 1) or not report.is_file():  # 1: some files skipped
             raise ValueError(f"the probe of {model} on {data} failed (beats probe exit "
                              f"{code}); fix the probe data and run the same command again")
         test = json.loads(report.read_text()).get("test") or {}
@@ -180,7 +179,16 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:  # exit 4 in beats.cli, with what to do here
         raise TrainingError(f"{e} (finished stages are kept; a lower learning rate through "
                             "--pretrain-options or --distill-options needs a new -o)") from None
+    except KeyboardInterrupt:
+        print("beats iterate: interrupted; finished stages are kept and the same command "
+              "continues the run", file=sys.stderr)
+        return 130
     if not args.quiet:
         print(format_summary(result.rows))
         print(f"summary saved to {Path(args.output) / 'summary.json'}", file=sys.stderr)
-    return 0
+    skipped = [p for p in sorted(Path(args.output).glob("iter*/*/failed.jsonl"))
+               if p.stat().st_size]
+    if skipped:  # exit 1: the run completed without some inputs
+        print(f"beats iterate: some files could not be read and were skipped (see "
+              f"{', '.join(map(str, skipped))})", file=sys.stderr)
+    return 1 if skipped else 0

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arguments import non_negative_float, non_negative_int, output_folder, positive_int
+from .arguments import (
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    warnings_as_lines,
+)
+from .finetune import interrupted
 from .training import (
     LENGTH,
     OPTIMISER,
@@ -22,7 +29,7 @@ from .training import (
 
 
 def _options() -> list[Option]:
-    """(config field, flags, type, help); defaults come from PretrainConfig (the spec's
+    """(config field, flags, type, help); defaults come from PretrainConfig (the paper's
     for base) and --help shows them with the tiny preset's where it differs."""
     from ..train.pretrain import TRAINING_PRESETS
 
@@ -74,10 +81,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "(an ordinary BEATs checkpoint: beats extract, beats finetune -m and "
             "BEATs.from_pretrained load it), OUT/tokenizer (the random tokenizer, when used),"
             " OUT/metrics.jsonl, OUT/config.json, OUT/failed.jsonl and OUT/state (for "
-            "--resume). Defaults are the paper's for base (400k steps of 560 x 10 s, on GPUs); "
+            "--resume: same settings, audio and labels only). Files that cannot be read are "
+            "skipped and listed in OUT/failed.jsonl; when none can be, nothing is trained. "
+            "Defaults are the paper's for base (400k steps of 560 x 10 s, on GPUs); "
             "--config tiny learns on a CPU in minutes. Several processes: torchrun "
-            "--nproc-per-node N -m beats pretrain ... Exit codes: 0 done, 2 bad input or "
-            "setup, 3 a bug, 4 training diverged."
+            "--nproc-per-node N -m beats pretrain ..."
         ),
     )
     build(p)
@@ -123,16 +131,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give AUDIO and -o OUT (or --config-file OUT/config.json)")
     cfg = config_from_args(PretrainConfig, args)
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
-    result = pretrain(args.audio, args.output, cfg, heldout=args.heldout or ())
+    try:
+        with warnings_as_lines("pretrain"):
+            result = pretrain(args.audio, args.output, cfg, heldout=args.heldout or ())
+    except KeyboardInterrupt:
+        return interrupted("pretrain", args.output)
+    out = Path(args.output)
+    if result.fit.finished_before:
+        print(f"beats pretrain: the run in {out} is finished (same settings, audio and "
+              f"labels): nothing to do; its model is {out / 'model'}", file=sys.stderr)
+        return 0
+    if result.fit.failed:
+        print(f"beats pretrain: {len(result.fit.failed)} file(s) could not be read and were "
+              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
     if not args.quiet:
         if result.heldout:
             h = result.heldout
             print(f"held-out masked accuracy {h['masked_accuracy']:.3f} (most frequent label "
                   f"{h['majority']:.3f}, nearest kept patch {h['neighbour']:.3f})",
                   file=sys.stderr)
-        if result.fit.failed:
-            print(f"{len(result.fit.failed)} file(s) could not be read and were skipped "
-                  f"(see {args.output}/failed.jsonl)", file=sys.stderr)
-        print(f"model saved to {Path(args.output) / 'model'} ({result.fit.steps} steps, "
+        print(f"model saved to {out / 'model'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 0
+    return 1 if result.fit.failed else 0

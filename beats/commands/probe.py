@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..pooling import PoolingSpec
-from .arguments import non_negative_int, output_folder, positive_float, positive_int
+from .arguments import (
+    fraction,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+    warnings_as_lines,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a probe on labelled audio, or apply one with --predict",
         description=(
             "Train: beats probe DATA -o OUT, where DATA is a folder with one subfolder per "
-            "class or a CSV (path,label[,fold]; labels joined by ';' for multi-label). "
-            "Embeddings come from --embeddings (a `beats extract` output) or are computed "
-            "into OUT/embeddings. Writes OUT/head.safetensors, head.json, report.json. "
-            "Apply: beats probe --predict OUT FILES..."
+            "class, a CSV (path,label[,fold]; labels joined by ';' for multi-label) or a "
+            "strong-label TSV (filename onset offset event_label). Each file is in one "
+            "split only. Embeddings come from --embeddings (a `beats extract` output) or "
+            "are computed into OUT/embeddings. Writes OUT/head.safetensors, head.json, "
+            "report.json, and OUT/failed.jsonl listing files that could not be embedded "
+            "(they are skipped). Apply: beats probe --predict OUT FILES..."
         ),
     )
     p.add_argument("inputs", nargs="+", help="DATA (train) or audio files (--predict)")
@@ -45,13 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="clips per step")
     p.add_argument("--patience", type=positive_int, default=20,
                    help="epochs without improvement before stopping")
-    p.add_argument("--val-fraction", type=float, default=0.15,
-                   help="share of the training clips held out for early stopping")
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="share of the clips held out for scoring")
+    p.add_argument("--val-fraction", type=fraction, default=0.15,
+                   help="share of each class's files held out for early stopping")
+    p.add_argument("--test-fraction", type=fraction, default=0.2,
+                   help="share of each class's files held out for scoring")
     p.add_argument("--val-fold", help="CSV fold used for early stopping")
     p.add_argument("--test-fold", help="CSV fold held out for scoring")
     p.add_argument("--cv", action="store_true", help="cross-validate over the CSV folds")
+    p.add_argument("--force", action="store_true",
+                   help="replace a probe already in OUT (without it, such a folder is refused)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and the head")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("-j", "--workers", type=non_negative_int, default=2,
@@ -77,70 +92,104 @@ def _load_backbone(name: str | None, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.predict:
-        return _predict(args)
-    if not args.output:
-        raise ValueError("training needs -o OUT (or use --predict PROBE_DIR FILES...)")
-    return _train(args)
+    logging.getLogger("beats.extract").setLevel(logging.ERROR)  # failures are listed below
+    try:
+        with warnings_as_lines("probe"):
+            if args.predict:
+                return _predict(args)
+            if not args.output:
+                raise InputError("training needs -o OUT (or use --predict PROBE_DIR FILES...)")
+            return _train(args)
+    except KeyboardInterrupt:
+        kept = "" if args.predict else (f"; the embeddings computed so far are kept in "
+                                         f"{Path(args.output) / 'embeddings'} for the next run")
+        print(f"beats probe: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
-def _embeddings(args: argparse.Namespace, paths: list[Path]) -> tuple[list[np.ndarray], dict]:
-    """Cached embeddings and the settings they were made with."""
+def _claim(out: Path, force: bool) -> None:
+    """Refuse a folder holding another run: a probe unless ``force`` (its files are then
+    replaced as the new ones are written), and always a training or extract run."""
+    from ..probe import holds_probe
+
+    other = [n for n in ("config.json", "metrics.jsonl", "state", "manifest.jsonl")
+             if (out / n).exists()]
+    if other:
+        raise InputError(f"{out} holds another kind of run ({', '.join(other)}): choose an "
+                         "empty output folder for the probe")
+    if holds_probe(out) and not force:
+        raise InputError(f"{out} already holds a probe (head.json, report.json): pass "
+                         "--force to replace it, or choose another output folder")
+
+
+def _embeddings(args: argparse.Namespace, paths: list[Path]
+                ) -> tuple[list[np.ndarray | None], list[tuple[str, str]], dict]:
+    """Each file's embedding (None for a file that could not be embedded), the failures
+    [(path, error)], and the settings the embeddings were made with."""
     from ..extract import ExtractOptions, extract
-    from ..probe import input_files, load_cached
+    from ..probe import input_files, load_embeddings
 
     if args.embeddings:
         run_file = Path(args.embeddings) / "run.json"
         settings = json.loads(run_file.read_text()) if run_file.exists() else {}
-        return load_cached(args.embeddings, paths), settings
+        return (*load_embeddings(args.embeddings, paths), settings)
     model, name = _load_backbone(args.model, args.device)
     cache = Path(args.output) / "embeddings"
-    options = ExtractOptions(pooling=_pooling(args.kind, args.layer), num_workers=args.workers,
-                             resume=(cache / "manifest.jsonl").exists())
-    summary = extract(model, input_files(paths), cache, options, model_name=name,
-                      progress=not args.quiet)
-    if summary.failed:
-        details = "; ".join(e for _, e in summary.failures[:3])
-        raise ValueError(f"{summary.failed} labelled file(s) could not be embedded: {details}")
-    return load_cached(cache, paths), json.loads((cache / "run.json").read_text())
+    options = ExtractOptions(pooling=_pooling(args.kind, args.layer), num_workers=args.workers)
+    run_file = cache / "run.json"
+    if run_file.exists() and json.loads(run_file.read_text()) != options.fingerprint(name):
+        if not args.force:
+            raise InputError(f"{cache} holds embeddings made with other settings (model, "
+                             "--kind or --layer): pass --force to replace them, or choose "
+                             "another output folder")
+        shutil.rmtree(cache)
+    options.resume = (cache / "manifest.jsonl").exists()
+    extract(model, input_files(paths), cache, options, model_name=name,
+            progress=not args.quiet)
+    return (*load_embeddings(cache, paths), json.loads(run_file.read_text()))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..files import atomic_write
-    from ..probe import (
-        Probe,
-        TrainConfig,
-        collate,
-        fit,
-        metrics,
-        read_labelled_set,
-        save_probe,
-        stratified_split,
-    )
+    from ..files import folder_lock
+    from ..labelled import read_labelled_set
 
     if len(args.inputs) != 1:
-        raise ValueError("training takes one DATA folder or CSV")
+        raise InputError("training takes one DATA folder, CSV or TSV")
     data = read_labelled_set(args.inputs[0])
-    arrays, settings = _embeddings(args, data.paths)
-    x, mask = collate(arrays)
-    y = data.targets()
+    out = Path(args.output)
+    with folder_lock(out, "beats probe"):
+        _claim(out, args.force)
+        return _train_locked(args, data, out)
+
+
+def _train_locked(args: argparse.Namespace, data: Any, out: Path) -> int:
+    from ..files import atomic_write
+    from ..labelled import split_by_file
+    from ..manifest import FAILED, ManifestWriter, Record
+    from ..probe import FAILED_FILE, Probe, TrainConfig, collate, fit, metrics, save_probe
+
+    arrays, failed, settings = _embeddings(args, data.paths)
+    (out / FAILED_FILE).unlink(missing_ok=True)  # a replaced probe's
+    if failed:
+        with ManifestWriter(out / FAILED_FILE) as writer:
+            for path, error in failed:
+                writer.append(Record(path, Path(path).name, FAILED, error=error))
+    kept = [i for i, a in enumerate(arrays) if a is not None]
+    if not kept:
+        raise InputError(f"none of the {len(arrays)} labelled files could be embedded (see "
+                         f"{out / FAILED_FILE})")
+    position = {r: j for j, r in enumerate(kept)}
+    x, mask = collate([arrays[r] for r in kept])
+    y = data.targets()[kept]
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, patience=args.patience, seed=args.seed)
-    rows = list(range(len(data.paths)))
 
     def one_split(test_fold: str | None) -> tuple[Probe, dict[str, Any]]:
-        if test_fold is not None:
-            test = [r for r in rows if data.folds[r] == test_fold]
-            rest = [r for r in rows if data.folds[r] != test_fold]
-        else:
-            rest, test = stratified_split(data.labels, rows, args.test_fraction, args.seed)
-        if args.val_fold is not None:
-            val = [r for r in rest if data.folds[r] == args.val_fold]
-            train = [r for r in rest if data.folds[r] != args.val_fold]
-        else:
-            train, val = stratified_split(data.labels, rest, args.val_fraction, args.seed + 1)
-        if not train:
-            raise ValueError("no training clips left after the validation/test split")
+        val_fold = args.val_fold if args.val_fold != test_fold else None
+        parts = split_by_file(data, kept, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, val_fold=val_fold,
+                              test_fold=test_fold, seed=args.seed)
+        train, val, test = ([position[r] for r in part] for part in parts)
         torch.manual_seed(args.seed)  # the head's initialisation must not depend on history
         probe = Probe(x.shape[-1], len(data.classes), args.kind)
         history = fit(probe, x, mask, y, train, val, config, data.multilabel)
@@ -154,11 +203,12 @@ def _train(args: argparse.Namespace) -> int:
         return probe, result
 
     report: dict[str, Any] = {"classes": data.classes, "multilabel": data.multilabel,
-                              "clips": len(rows)}
+                              "clips": len(kept),
+                              "failed_files": [{"path": p, "error": e} for p, e in failed]}
     if args.cv:
-        folds = sorted({f for f in data.folds if f is not None})
+        folds = sorted({data.folds[r] for r in kept if data.folds[r] is not None})
         if len(folds) < 2:
-            raise ValueError("--cv needs a CSV with a fold column of at least 2 folds")
+            raise InputError("--cv needs a CSV with a fold column of at least 2 folds")
         per_fold = {f: one_split(f)[1] for f in folds}
         scores = [r["test"] for r in per_fold.values()]
         report["cv"] = {"folds": per_fold, "mean": {
@@ -167,9 +217,12 @@ def _train(args: argparse.Namespace) -> int:
     report.update(result)
     meta = {"kind": args.kind, "classes": data.classes, "multilabel": data.multilabel,
             "model": settings.get("model"), "embedding": settings, "report": report}
-    save_probe(args.output, probe, meta)
-    with atomic_write(Path(args.output) / "report.json", "w") as f:
+    save_probe(out, probe, meta)
+    with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
+    if failed:
+        print(f"beats probe: {len(failed)} file(s) could not be embedded and were skipped "
+              f"(see {out / FAILED_FILE})", file=sys.stderr)
     if not args.quiet:
         for split in ("val", "test"):
             if split in report:
@@ -178,36 +231,42 @@ def _train(args: argparse.Namespace) -> int:
         if "cv" in report:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in report["cv"]["mean"].items())
             print(f"cross-validation mean: {shown}", file=sys.stderr)
-        print(f"probe saved to {args.output}", file=sys.stderr)
-    return 0
+        print(f"probe saved to {out}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..audio import AudioError, load_audio
-    from ..inputs import pad_to_minimum
-    from ..pooling import parse_layers, pool
-    from ..probe import collate, load_probe
+    """Embed the files as the probe's embeddings were made (``beats extract``'s engine:
+    long files in windows, in a temporary folder), then apply the probe."""
+    from ..extract import ExtractOptions, extract
+    from ..files import discover_inputs
+    from ..pooling import parse_layers
+    from ..probe import collate, load_embeddings, load_probe
 
     probe, meta = load_probe(args.predict)
     settings = meta.get("embedding", {})
-    model, _ = _load_backbone(args.model or meta.get("model"), args.device)
-    layers = parse_layers(str(settings.get("layers", "last")).strip("[]"))
+    model, name = _load_backbone(args.model or meta.get("model"), args.device)
+    layers = parse_layers(str(settings.get("layers", "last")).strip("[]").replace(" ", ""))
     spec = PoolingSpec(layers=layers, time=settings.get("time_pooling", "mean"),
                        freq=settings.get("freq_pooling", "mean"))
-    failed = 0
-    for path in args.inputs:
-        try:
-            wav = pad_to_minimum(load_audio(path)[0])
-            with torch.inference_mode():
-                out = model.extract_features(wav, output_hidden_states=spec.needs_hidden_states)
-                emb = pool(out, spec, model.cfg.encoder_layers)[0].cpu().numpy()
-                x, mask = collate([emb])
-                logits = probe(x, mask)[0]
-        except (AudioError, ValueError) as e:
-            failed += 1
-            print(json.dumps({"path": path, "error": str(e)}) if args.json
-                  else f"{path}\terror: {e}")
+    window = settings.get("window", 10.0)
+    options = ExtractOptions(pooling=spec, num_workers=args.workers, window=window,
+                             hop=settings.get("hop") if window else None)
+    items = discover_inputs(args.inputs)
+    with tempfile.TemporaryDirectory(prefix="beats-probe-") as tmp:
+        extract(model, items, tmp, options, model_name=str(name), progress=False)
+        arrays, failed = load_embeddings(tmp, [item.path.resolve() for item in items])
+    errors = {p: e for p, e in failed}
+    for item, array in zip(items, arrays, strict=True):
+        path = str(item.path)
+        if array is None:
+            error = errors.get(str(item.path.resolve()), "could not be embedded")
+            print(json.dumps({"path": path, "error": error}) if args.json
+                  else f"{path}\terror: {error}")
             continue
+        with torch.no_grad():
+            x, mask = collate([array])
+            logits = probe(x, mask)[0]
         probs = torch.sigmoid(logits) if meta["multilabel"] else logits.softmax(-1)
         top = probs.argsort(descending=True)[: args.top_k].tolist()
         labels = [(meta["classes"][i], float(probs[i])) for i in top]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .arguments import positive_int
 
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             wav = pad_to_minimum(load_audio(item.path)[0])
             labels = model.predict_labels(wav, top_k=args.top_k)[0]
+        except KeyboardInterrupt:
+            print("beats tag: interrupted", file=sys.stderr)
+            return 130
         except (AudioError, ValueError, RuntimeError) as e:
             failed += 1
             if args.json:

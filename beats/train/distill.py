@@ -1,4 +1,5 @@
-"""Tokenizer distillation (training spec section 4) on the training loop: ``beats distill``.
+"""Tokenizer distillation on the training loop: ``beats distill`` (see
+docs/design/training.md, Tokenizer distillation).
 
 ``distill(teacher, audio, DistillConfig(...), out_dir)`` trains a student tokenizer on
 unlabelled audio with `beats.train.loop.fit` and writes ``OUT/tokenizer/``: a tokenizer
@@ -46,7 +47,7 @@ from ..hub import ModelKindError
 from ..model import BEATs
 from ..quantizer import code_perplexity
 from ..tokenizer import BEATsTokenizer
-from . import distributed, loop
+from . import distributed, loop, state
 from .data import Clip, collate_clips, filterbank
 from .distiller import (
     PRESETS,
@@ -65,6 +66,8 @@ from .distiller import (
 from .unlabelled import (
     UnlabelledConfig,
     audio_dataset,
+    check_audio,
+    files_digest,
     find_audio,
     heldout_batches,
     heldout_dataset,
@@ -176,12 +179,18 @@ class DistillTask(loop.Task):
         self.model: nn.Module = self.distiller
         self.train_set = audio_dataset(clips, cfg)
         self.heldout = heldout_dataset(heldout, cfg) if len(heldout) else None
+        self.clips, self.heldout_clips = clips, heldout
         self.clip_seconds = cfg.crop_seconds
         self.info = info or {}
 
     def run_info(self) -> dict[str, Any]:
         return {"target": self.kind, "target_dim": self.target_dim,
                 "student_config": self.student_cfg.to_dict(), **self.info}
+
+    def identity(self) -> dict[str, Any]:
+        teacher = {**self.teacher.cfg.to_dict(), "weights": state.weights_digest(self.teacher)}
+        return {"teacher": teacher, "student": self.student_cfg.to_dict(),
+                "audio": files_digest(self.clips), "heldout": files_digest(self.heldout_clips)}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_clips(items)
@@ -348,9 +357,11 @@ def distill(teacher: BEATs | str | Path, audio: Sequence[Any],
     overrides ``config.student``. Before any training: the folder is checked (another run
     there needs ``config.resume``), the teacher is loaded (a tokenizer or a missing model
     is an error), the inputs are found (none is an error), and a resumed run must fit the
-    saved model. Files that cannot be read are left out when drawn and recorded in
-    ``OUT/failed.jsonl``. Raises `beats.train.loop.TrainingError` when the loss stops
-    being finite.
+    saved model and the earlier run's settings, teacher, student and audio. Files that
+    cannot be read are left out when drawn and recorded in ``OUT/failed.jsonl``; when none
+    can be read, `beats.train.loop.RunError` is raised before training. Raises
+    `beats.train.loop.TrainingError` when the loss stops being finite. Resuming a finished
+    run returns it as it was written (``result.fit.finished_before``).
     """
     cfg = config or DistillConfig()
     out_dir = Path(out_dir)
@@ -368,7 +379,10 @@ def distill(teacher: BEATs | str | Path, audio: Sequence[Any],
     torch.manual_seed(cfg.seed)  # the student's and estimator's initial weights
     task = DistillTask(teacher, student, cfg, clips, held, info)
     task.check_resumable(out_dir)
+    per_step, _ = loop.steps_for(cfg, len(clips), cfg.crop_seconds)
+    task.failed, task.readable = check_audio(clips, cfg, per_step)
     fit = loop.fit(task, cfg, out_dir)
+    loop.finish(out_dir, fit)
     return DistillResult(BEATsTokenizer.from_pretrained(out_dir / TOKENIZER_DIR), fit)
 
 

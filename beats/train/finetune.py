@@ -1,4 +1,5 @@
-"""Fine-tuning (spec section 5): the whole BEATs with a per-position linear head.
+"""Fine-tuning (see docs/design/training.md, Fine-tuning): the whole BEATs with a
+per-position linear head.
 
 ``finetune(model, data, FinetuneConfig(...), out_dir)`` trains, keeps the best
 validation checkpoint and writes:
@@ -15,6 +16,11 @@ validation checkpoint and writes:
   matrix (single-label) or mAP (multi-label), per-class AP; best step; training time.
 - ``OUT/metrics.jsonl``, ``OUT/config.json``, ``OUT/state/`` (see `beats.train.loop`).
 
+The labelled set is read and split by `beats.labelled`: each file is in exactly one of
+train, validation and test. Training reads random crops; evaluation reads whole clips,
+those longer than `EVAL_WINDOW` seconds in windows (as ``beats extract`` does), so memory
+stays that of a batch of windows whatever a file's length.
+
 Layer-wise decay comes in two forms: ``layer_lr_decay`` (learning rate of layer L-1-i
 multiplied by decay^(i+1), the effective one under Adam) and ``grad_decay`` (the released
 configs' ``layer_wise_gradient_decay_ratio``, GradMultiply between layers; Adam's
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +43,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import serialization
+from ..audio import SAMPLE_RATE, AudioError, audio_info, load_audio
+from ..errors import InputError
 from ..files import atomic_write
+from ..labelled import LabelledSet, read_labelled_set, split_by_file
 from ..metrics import classification_report, score
-from ..model import BEATs
-from ..probe import read_labelled_set, stratified_split
+from ..model import PATCHES_PER_STEP, BEATs
+from ..windows import STEP_SAMPLES, STEP_SPAN, plan_windows
 from . import distributed, loop, state
 from .augment import ItemAugmenter, apply_masks, mixup
 from .config import TrainConfig
 from .data import Clip, ClipDataset, balanced_weights, collate_clips, filterbank, scan
 
 REPORT_FILE = "report.json"
+EVAL_WINDOW, EVAL_HOP = 10.0, 8.0  # seconds: longer clips are evaluated in windows
+# The labelled set of fine-tuning: `beats.labelled.LabelledSet` (this name is kept).
+LabelledClips = LabelledSet
 
 
 @dataclass
@@ -111,92 +123,35 @@ class FinetuneConfig(TrainConfig):
 
 
 # --------------------------------------------------------------------------- data
-@dataclass
-class LabelledClips:
-    """Labelled audio for fine-tuning: ``sources[i]`` (a path, or 16 kHz samples) has the
-    class names ``labels[i]`` and an optional ``folds[i]``.
-
-    Build it with `from_items` (lists of (path or array, label(s)[, fold])) or `read`
-    (a folder with one subfolder per class, or a CSV, as ``beats probe`` takes them).
-    """
-
-    sources: list[Any]
-    labels: list[tuple[str, ...]]
-    folds: list[str | None]
-    classes: list[str]
-    multilabel: bool
-
-    @classmethod
-    def from_items(cls, items: Iterable[Sequence[Any]], classes: Sequence[str] | None = None,
-                   multilabel: bool | None = None) -> LabelledClips:
-        """``items``: (source, label) or (source, label, fold); a label is a class name or
-        a list of names (multi-label). ``classes`` fixes the class order (default: sorted)."""
-        sources, labels, folds = [], [], []
-        for item in items:
-            source, label = item[0], item[1]
-            names = (label,) if isinstance(label, str) else tuple(label)
-            sources.append(source)
-            labels.append(tuple(sorted(set(names))))
-            folds.append(None if len(item) < 3 or item[2] is None else str(item[2]))
-        if not sources:
-            raise ValueError("the labelled set is empty")
-        found = sorted({c for ls in labels for c in ls})
-        classes = list(classes) if classes is not None else found
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(f"labels {unknown} are not among the classes {classes}")
-        if multilabel is None:
-            multilabel = any(len(ls) != 1 for ls in labels)
-        return cls(sources, labels, folds, classes, multilabel)
-
-    @classmethod
-    def read(cls, source: str | Path) -> LabelledClips:
-        """A class-per-subfolder folder or a CSV (see `beats.probe.read_csv`)."""
-        data = read_labelled_set(source)
-        return cls(list(data.paths), list(data.labels), list(data.folds), list(data.classes),
-                   data.multilabel)
-
-    def clips(self, rows: Sequence[int]) -> list[Clip]:
-        index = {c: i for i, c in enumerate(self.classes)}
-        out = []
-        for r in rows:
-            target = tuple(index[c] for c in self.labels[r])
-            out.append(Clip(self.sources[r], target if self.multilabel else target[0]))
-        return out
+def clips_of(data: LabelledSet, rows: Sequence[int]) -> list[Clip]:
+    """`Clip` objects of the entries ``rows``: targets are class indices (a tuple of them
+    for multi-label data)."""
+    index = {c: i for i, c in enumerate(data.classes)}
+    out = []
+    for r in rows:
+        target = tuple(index[c] for c in data.labels[r])
+        out.append(Clip(data.sources[r], target if data.multilabel else target[0]))
+    return out
 
 
-def check_classes(data: LabelledClips, rows: Sequence[int]) -> None:
+def check_classes(data: LabelledSet, rows: Sequence[int]) -> None:
     """Clear errors for one class only and for a class with no clip."""
     if len(data.classes) < 2:
-        raise ValueError(f"only one class ({data.classes[0]!r}): fine-tuning a classifier "
+        raise InputError(f"only one class ({data.classes[0]!r}): fine-tuning a classifier "
                          "needs 2 or more classes")
     present = {c for r in rows for c in data.labels[r]}
     empty = [c for c in data.classes if c not in present]
     if empty:
-        raise ValueError(f"class(es) {empty} have no readable clip; add clips or remove the "
+        raise InputError(f"class(es) {empty} have no readable clip; add clips or remove the "
                          "class (an empty class folder, or every file of it unreadable)")
 
 
-def split(data: LabelledClips, rows: list[int], cfg: FinetuneConfig
+def split(data: LabelledSet, rows: list[int], cfg: FinetuneConfig
           ) -> tuple[list[int], list[int], list[int]]:
-    """(train, val, test) rows: folds when named, else stratified fractions (as probe)."""
-    if cfg.test_fold is not None:
-        test = [r for r in rows if data.folds[r] == cfg.test_fold]
-        rest = [r for r in rows if data.folds[r] != cfg.test_fold]
-        if not test:
-            raise ValueError(f"no clip is in test fold {cfg.test_fold!r}")
-    else:
-        rest, test = stratified_split(data.labels, rows, cfg.test_fraction, cfg.seed)
-    if cfg.val_fold is not None:
-        val = [r for r in rest if data.folds[r] == cfg.val_fold]
-        train = [r for r in rest if data.folds[r] != cfg.val_fold]
-        if not val:
-            raise ValueError(f"no clip is in validation fold {cfg.val_fold!r}")
-    else:
-        train, val = stratified_split(data.labels, rest, cfg.val_fraction, cfg.seed + 1)
-    if not train:
-        raise ValueError("no training clips left after the validation/test split")
-    return train, val, test
+    """(train, val, test) entries, each file in one: `beats.labelled.split_by_file`."""
+    return split_by_file(data, rows, val_fraction=cfg.val_fraction,
+                         test_fraction=cfg.test_fraction, val_fold=cfg.val_fold,
+                         test_fold=cfg.test_fold, seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------- the model
@@ -244,13 +199,14 @@ class FinetuneTask(loop.Task):
     name = "finetune"
 
     def __init__(self, model: BEATs, train: list[Clip], val: list[Clip], classes: list[str],
-                 multilabel: bool, cfg: FinetuneConfig, info: dict[str, Any] | None = None
-                 ) -> None:
+                 multilabel: bool, cfg: FinetuneConfig, info: dict[str, Any] | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         self.model = model
         self.cfg = cfg
         self.classes = classes
         self.multilabel = multilabel
         self.info = info or {}
+        self._identity = identity or {}
         augment = ItemAugmenter(roll=cfg.roll, time_mask=cfg.time_mask, freq_mask=cfg.freq_mask)
         self.train_set = ClipDataset(train, crop_seconds=cfg.crop_seconds, seed=cfg.seed,
                                      augment=augment)
@@ -279,6 +235,9 @@ class FinetuneTask(loop.Task):
 
     def run_info(self) -> dict[str, Any]:
         return {"classes": self.classes, "multilabel": self.multilabel, **self.info}
+
+    def identity(self) -> dict[str, Any]:
+        return {"classes": self.classes, **self._identity}
 
     def train_mode(self) -> None:
         self.model.train()
@@ -338,11 +297,15 @@ class FinetuneTask(loop.Task):
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, clips: list[Clip]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, K) float32, targets) of whole clips, in order; model in eval mode."""
+        """(logits (N, K) float32, targets) of whole clips, in order, leaving out clips that
+        cannot be read; model in eval mode. Clips up to `EVAL_WINDOW` seconds run in
+        batches of ``eval_batch``; a longer one runs alone, in windows (`_windowed`)."""
+        long = [i for i, c in enumerate(clips) if (c.duration or 0.0) > EVAL_WINDOW]
+        short = sorted(set(range(len(clips))) - set(long),
+                       key=lambda i: -(clips[i].duration or 0.0))
+        batches = [short[i : i + self.cfg.eval_batch]
+                   for i in range(0, len(short), self.cfg.eval_batch)]
         dataset = ClipDataset(clips, train=False)
-        order = sorted(range(len(clips)), key=lambda i: -(clips[i].duration or 0.0))
-        batches = [order[i : i + self.cfg.eval_batch]
-                   for i in range(0, len(order), self.cfg.eval_batch)]
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips)
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -357,8 +320,45 @@ class FinetuneTask(loop.Task):
                 out = self.model.forward_fbank(features, frames)
                 logits[batch["index"]] = out.logits.float().cpu()
                 kept[batch["index"]] = True
+            for i in long:
+                try:
+                    logits[i] = self._windowed(clips[i])
+                except (AudioError, OSError, ValueError, RuntimeError):
+                    continue  # unreadable now: left out, as in a batch
+                kept[i] = True
         targets = self.targets([c.target for c in clips])
         return logits[kept], targets[kept]
+
+    def _windowed(self, clip: Clip) -> torch.Tensor:
+        """(K,) logits of a long clip: the class head's scores at every position, averaged,
+        as for a whole clip. The positions come from windows of `EVAL_WINDOW` seconds every
+        `EVAL_HOP` on the clip's 160 ms steps, each step taken from one window, as ``beats
+        extract`` stitches them (`beats.windows.plan_windows`); ``eval_batch`` windows run
+        per forward pass, and each batch's samples are read on their own: memory is that of
+        one batch of windows, whatever the clip's length."""
+        model = self.model
+        assert model.predictor is not None
+        device = next(model.parameters()).device
+        duration = clip.duration if clip.duration is not None else audio_info(clip.source).duration
+        windows = plan_windows(round(duration * SAMPLE_RATE), EVAL_WINDOW, EVAL_HOP)
+        span = STEP_SAMPLES * (windows[0].stop - windows[0].start - 1) + STEP_SPAN
+        total = torch.zeros(len(self.classes), dtype=torch.float64)
+        positions = 0
+        for first in range(0, len(windows), self.cfg.eval_batch):
+            group = windows[first : first + self.cfg.eval_batch]
+            lo = STEP_SAMPLES * group[0].start
+            part = _samples(clip, lo, STEP_SAMPLES * group[-1].start + span)
+            wav = torch.stack([torch.from_numpy(part[STEP_SAMPLES * w.start - lo :][:span])
+                               for w in group]).to(device)
+            lengths = torch.full((len(group),), span, dtype=torch.long, device=device)
+            features, frames = filterbank(wav, lengths, model.cfg)
+            x = model.forward_fbank(features, frames).features
+            for i, w in enumerate(group):
+                kept = x[i, PATCHES_PER_STEP * (w.keep_start - w.start) :
+                         PATCHES_PER_STEP * (w.keep_stop - w.start)]
+                total += model.predictor(kept).float().sum(dim=0).double().cpu()
+                positions += kept.shape[0]
+        return (total / positions).float()
 
     def report(self, clips: list[Clip]) -> dict[str, Any]:
         logits, targets = self.predict(clips)
@@ -398,17 +398,20 @@ class FinetuneResult:
     fit: loop.FitResult
 
 
-def finetune(model: BEATs | str | Path, data: LabelledClips | str | Path,
+def finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
              config: FinetuneConfig | None = None, out_dir: str | Path = "finetuned",
              *, cv: bool = False, model_name: str | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (a `BEATs` or anything `BEATs.from_pretrained` takes) on
-    ``data`` (`LabelledClips`, or a folder / CSV path) into ``out_dir``.
+    ``data`` (a `beats.labelled.LabelledSet`, or a class folder, CSV or strong-label TSV
+    path) into ``out_dir``.
 
     Before any training: the folder is checked (another run there needs
-    ``config.resume``), every file's header is read (unreadable files are recorded in
-    ``OUT/failed.jsonl`` and skipped), and the classes are checked (two or more, none
-    without a clip). ``cv=True`` first trains one model per fold into
-    ``OUT/cv/fold-F/`` (the fold as test set) and reports their mean.
+    ``config.resume``; a resumed run needs the same settings, model, classes and data), every
+    file's header is read (unreadable files are recorded in ``OUT/failed.jsonl`` and
+    skipped), and the classes are checked (two or more, none without a clip). ``cv=True``
+    first trains one model per fold into ``OUT/cv/fold-F/`` (the fold as test set) and
+    reports their mean. Resuming a finished run returns it as it was written
+    (``result.fit.finished_before``).
     """
     cfg = config or FinetuneConfig()
     out_dir = Path(out_dir)
@@ -420,52 +423,57 @@ def finetune(model: BEATs | str | Path, data: LabelledClips | str | Path,
         distributed.teardown(d)
 
 
-def _finetune(model: BEATs | str | Path, data: LabelledClips | str | Path,
+def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
               cfg: FinetuneConfig, out_dir: Path, cv: bool, model_name: str | None
               ) -> FinetuneResult:
     source = None
-    if not isinstance(data, LabelledClips):
+    if not isinstance(data, LabelledSet):
         source = str(data)
-        data = LabelledClips.read(data)
+        data = read_labelled_set(data)
     if not isinstance(model, BEATs):
         model_name = model_name or str(model)
         model = BEATs.from_pretrained(model)
-    clips, failed = scan(data.clips(range(len(data.sources))))
+    clips, failed = scan(clips_of(data, range(len(data))))
     readable = {id(c.source) for c in clips}
-    rows = [r for r in range(len(data.sources)) if id(data.sources[r]) in readable]
+    rows = [r for r in range(len(data)) if id(data.sources[r]) in readable]
     durations = {id(c.source): c.duration for c in clips}
     check_classes(data, rows)
     info = {"data": source, "model": model_name, "output": str(out_dir)}
+    identity = {"model": model_identity(model), "data": data.digest()}
     folds_report = None
     if cv:
         folds = sorted({data.folds[r] for r in rows if data.folds[r] is not None})
         if len(folds) < 2:
-            raise ValueError("--cv needs a fold for every clip (CSV fold column), 2 or more")
+            raise InputError("--cv needs a fold for every clip (CSV fold column), 2 or more")
         per_fold = {}
-        for fold in folds:
-            fold_cfg = dataclasses.replace(cfg, test_fold=fold)
+        for fold in folds:  # a validation fold that is the test fold: a share instead
+            val_fold = cfg.val_fold if cfg.val_fold != fold else None
+            fold_cfg = dataclasses.replace(cfg, test_fold=fold, val_fold=val_fold)
             per_fold[fold] = _run(model, data, rows, durations, failed, fold_cfg,
-                                  out_dir / "cv" / f"fold-{fold}", info).report["test"]
+                                  out_dir / "cv" / f"fold-{fold}", info,
+                                  identity).report["test"]
         keys = [k for k in ("accuracy", "macro_f1", "mAP") if k in per_fold[folds[0]]]
         folds_report = {"folds": per_fold, "mean": {
             k: float(np.mean([per_fold[f][k] for f in folds])) for k in keys}}
-    result = _run(model, data, rows, durations, failed, cfg, out_dir, info)
-    if folds_report is not None:
-        result.report["cv"] = folds_report
-        if distributed.setup(cfg.device).main:
-            _write_report(out_dir, result.report)
-    return result
+    return _run(model, data, rows, durations, failed, cfg, out_dir, info, identity,
+                folds_report)
 
 
-def _run(backbone: BEATs, data: LabelledClips, rows: list[int], durations: dict[int, float],
+def model_identity(model: BEATs) -> dict[str, Any]:
+    """What identifies a starting model for ``--resume``: its config and `weights_digest`."""
+    return {**model.cfg.to_dict(), "weights": state.weights_digest(model)}
+
+
+def _run(backbone: BEATs, data: LabelledSet, rows: list[int], durations: dict[int, float],
          failed: list[tuple[str, str]], cfg: FinetuneConfig, out_dir: Path,
-         info: dict[str, Any]) -> FinetuneResult:
+         info: dict[str, Any], identity: dict[str, Any],
+         folds_report: dict[str, Any] | None = None) -> FinetuneResult:
     train, val, test = split(data, rows, cfg)
     if not data.multilabel:
         check_classes(data, train)
 
     def clips(rs: list[int]) -> list[Clip]:
-        out = data.clips(rs)
+        out = clips_of(data, rs)
         for c in out:
             c.duration = durations[id(c.source)]
         return out
@@ -474,9 +482,12 @@ def _run(backbone: BEATs, data: LabelledClips, rows: list[int], durations: dict[
     info = {**info, "output": str(out_dir), "clips": len(rows), "failed_files": len(failed),
             "splits": {"train": len(train), "val": len(val), "test": len(test)}}
     task = FinetuneTask(model, clips(train), clips(val), data.classes, data.multilabel, cfg,
-                        info)
+                        info, identity)
     task.failed = failed
     fit = loop.fit(task, cfg, out_dir)
+    if fit.finished_before:  # its record stands as it was written
+        report = json.loads((out_dir / REPORT_FILE).read_text())
+        return FinetuneResult(BEATs.from_pretrained(out_dir / "model"), report, fit)
     best = out_dir / state.STATE_DIR / state.BEST
     if best.exists():
         loop.load_model_weights(task.model, state.load(best)["model"], cfg)
@@ -491,10 +502,32 @@ def _run(backbone: BEATs, data: LabelledClips, rows: list[int], durations: dict[
     for name, split_clips in (("train", clips(train)), ("val", clips(val)), ("test", clips(test))):
         if split_clips:
             report[name] = task.report(split_clips)
+    if folds_report is not None:
+        report["cv"] = folds_report
     if d.main:
         _write_report(out_dir, report)
     distributed.barrier(d)
+    loop.finish(out_dir, fit)
     return FinetuneResult(BEATs.from_pretrained(out_dir / "model"), report, fit)
+
+
+def _samples(clip: Clip, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of a clip at 16 kHz, float32, zero-padded past its end; a
+    file is read from ``start`` (seeked, not decoded from its beginning)."""
+    if isinstance(clip.source, (str, Path)):
+        wav, _ = load_audio(clip.source, offset=start / SAMPLE_RATE,
+                            duration=(stop - start) / SAMPLE_RATE)
+    else:
+        source = clip.source
+        if isinstance(source, torch.Tensor):
+            source = source.detach().cpu().numpy()
+        wav = np.asarray(source, dtype=np.float32)[start:stop]
+    wav = np.ascontiguousarray(wav[: stop - start], dtype=np.float32)
+    if len(wav) < stop - start:
+        wav = np.pad(wav, (0, stop - start - len(wav)))
+    if not np.isfinite(wav).all():
+        raise ValueError(f"{clip.name}: the audio holds NaN or Inf samples")
+    return wav
 
 
 def _write_report(out_dir: Path, report: dict[str, Any]) -> None:

@@ -48,12 +48,18 @@ How to add a task (``beats pretrain``, ``beats distill``, ...): subclass `Task`.
   ``fsdp_units()``: the modules to shard one by one (default:
   the model's encoder layers above layer 0); ``train_mode()``: set train/eval modes
   before each step (default ``model.train()``; keep frozen parts in eval);
-  ``run_info()``: extra entries for ``OUT/config.json``; ``failed``: [(source, error)]
-  found unreadable before training, recorded in ``OUT/failed.jsonl``; ``name``: the
-  command's name, used in messages.
+  ``run_info()``: extra entries for ``OUT/config.json``; ``identity()``: what the run
+  trains on (model, classes, data digests), recorded in ``OUT/config.json`` and compared
+  on ``--resume`` (`beats.train.state.identity_differences`); ``failed``: [(source,
+  error)] found unreadable before training, recorded in ``OUT/failed.jsonl``;
+  ``readable``: how many inputs were found readable before training (0 stops the run
+  before it starts; None: not checked); ``name``: the command's name, used in messages.
 
 Then ``fit(task, cfg, out_dir) -> FitResult`` runs it; a task-specific config subclasses
 `TrainConfig` (its extra fields land in ``config.json`` and take part in the resume check).
+When the task has written everything it writes, `finish` marks the run finished: a
+finished run is never written again, and ``fit`` with ``resume`` on it returns its
+`FitResult` (``finished_before``) without training.
 Model randomness (dropout, layerdrop, mixup) must come from the torch global RNG (saved
 per process); data randomness from the Dataset's per-item generator.
 
@@ -65,8 +71,10 @@ summation order: each process backpropagates its share of the step's mean loss, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -83,6 +91,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..errors import InputError
 from ..files import FolderBusyError, atomic_write, folder_lock, remove_stale_temporaries
+from ..manifest import FAILED, ManifestWriter, Record
 from ..workers import worker_init
 from . import distributed, logs, state
 from .config import TrainConfig
@@ -111,6 +120,7 @@ class Task:
     sample_weights: list[float] | None = None
     clip_seconds: float | None = None
     failed: Sequence[tuple[str, str]] = ()  # files found unreadable before training
+    readable: int | None = None  # inputs found readable before training (None: unchecked)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError
@@ -155,11 +165,17 @@ class Task:
         """Extra entries for ``OUT/config.json`` (data, model, classes, ...)."""
         return {}
 
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the earlier one: ``{part: JSON value}``, parts
+        named in `beats.train.state.IDENTITY_NAMES` (model, classes, data, ...)."""
+        return {}
+
 
 @dataclass
 class FitResult:
     """What a run did: steps taken, best validation step and score, wall seconds of
-    training (summed over resumptions), whether it stopped early, files that failed."""
+    training (summed over resumptions), whether it stopped early, files that failed;
+    ``finished_before``: the run had finished already (nothing was trained or written)."""
 
     steps: int
     best_step: int | None
@@ -167,6 +183,7 @@ class FitResult:
     seconds: float
     stopped_early: bool
     failed: list[tuple[str, str]] = field(default_factory=list)
+    finished_before: bool = False
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -182,38 +199,78 @@ def check_output_folder(out_dir: Path, resume: bool) -> None:
                        "it or choose an empty output folder")
 
 
-def _check_resume_config(out_dir: Path, cfg: TrainConfig) -> None:
+def _check_resume_config(out_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> None:
+    """A resumed run must have the earlier run's settings and identity (model, classes,
+    data): else one line naming what differs."""
     path = out_dir / CONFIG_FILE
     if not (cfg.resume and path.exists()):
         return
-    before = type(cfg).from_dict(json.loads(path.read_text())["config"])
-    changed = cfg.differences(before)
+    record = json.loads(path.read_text())
+    changed = cfg.differences(type(cfg).from_dict(record["config"]))
+    differences = []
     if changed:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise RunError(f"cannot resume in {out_dir}: the earlier run used other settings "
-                       f"({details}); use the same settings or a new output folder")
+        differences.append(f"other settings ({details})")
+    differences += state.identity_differences(record.get("identity") or {}, identity)
+    if differences:
+        raise RunError(f"cannot resume in {out_dir}: the earlier run used "
+                       f"{' and '.join(differences)}; resume with the same settings, model "
+                       "and data, or use a new output folder")
 
 
 def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
-           stack: contextlib.ExitStack) -> None:
+           stack: contextlib.ExitStack) -> FitResult | None:
     """Lock and check the folder on rank 0 and write config.json; every rank learns of
-    an error (one line) instead of hanging at the next collective."""
-    error = None
+    an error (one line) instead of hanging at the next collective. Returns the earlier
+    `FitResult` of a resumed run that had finished (then nothing is written)."""
+    error, finished = None, None
     if d.main:
         try:
             stack.enter_context(folder_lock(out_dir, f"beats {task.name}"))
             check_output_folder(out_dir, cfg.resume)
-            _check_resume_config(out_dir, cfg)
-            remove_stale_temporaries(out_dir)  # a killed run's half-written files
-            record = {"beats_version": __version__, "command": sys.argv, "task": task.name,
-                      "world_size": d.world, "config": cfg.to_dict(), **task.run_info()}
-            with atomic_write(out_dir / CONFIG_FILE, "w") as f:
-                json.dump(record, f, indent=2)
+            identity = task.identity()
+            _check_resume_config(out_dir, cfg, identity)
+            finished = state.load_finished(out_dir) if cfg.resume else None
+            if finished is None:
+                _check_readable(out_dir, task)
+                remove_stale_temporaries(out_dir)  # a killed run's half-written files
+                record = {"beats_version": __version__, "command": sys.argv,
+                          "task": task.name, "world_size": d.world, "config": cfg.to_dict(),
+                          **task.run_info(), "identity": identity}
+                with atomic_write(out_dir / CONFIG_FILE, "w") as f:
+                    json.dump(record, f, indent=2)
         except (FolderBusyError, RunError, ValueError, OSError) as e:
             error = str(e)
-    error = distributed.broadcast_object(error, d)
+    error, finished = distributed.broadcast_object((error, finished), d)
     if error:
         raise RunError(error)
+    if finished is not None:
+        finished["failed"] = [tuple(x) for x in finished.get("failed", [])]
+        return FitResult(**finished, finished_before=True)
+    return None
+
+
+def _check_readable(out_dir: Path, task: Task) -> None:
+    """Stop before training when no input could be read, naming ``failed.jsonl``."""
+    if task.readable != 0:
+        return
+    with ManifestWriter(out_dir / logs.FAILED_FILE) as writer:
+        for source, error in task.failed:
+            writer.append(Record(source, Path(source).name, FAILED, error=error))
+    raise RunError(f"none of the {len(task.failed)} input file(s) could be read (see "
+                   f"{out_dir / logs.FAILED_FILE} for why); nothing was trained")
+
+
+def finish(out_dir: str | Path, result: FitResult) -> None:
+    """Mark the run in ``out_dir`` finished, once the task has written all its files: a
+    ``--resume`` of it then says so and writes nothing. Rank 0 writes; no collective (the
+    process group may be gone)."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if initialized else int(os.environ.get("RANK", "0"))
+    if rank == 0 and not result.finished_before:
+        record = dataclasses.asdict(result)
+        record.pop("finished_before")
+        state.save_finished(Path(out_dir), record)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -298,7 +355,9 @@ def fit(task: Task, cfg: TrainConfig, out_dir: str | Path) -> FitResult:
     d = distributed.setup(cfg.device)
     with contextlib.ExitStack() as stack:
         stack.callback(distributed.teardown, d)
-        _start(out_dir, cfg, task, d, stack)
+        finished = _start(out_dir, cfg, task, d, stack)
+        if finished is not None:
+            return finished
         return _fit(task, cfg, out_dir, d)
 
 

@@ -1,4 +1,5 @@
-"""Self-supervised pre-training (training spec section 3) on the one training loop.
+"""Self-supervised pre-training on the one training loop (see docs/design/training.md,
+Masked pre-training).
 
 ``pretrain(audio, out_dir, PretrainConfig(...))`` trains a `BEATsForPretraining` to
 predict the labels of masked patches of unlabelled audio and writes:
@@ -43,7 +44,7 @@ from ..audio import SAMPLE_RATE, audio_info
 from ..inputs import MIN_SAMPLES
 from ..model import PATCHES_PER_STEP, BEATs
 from ..tokenizer import BEATsTokenizer
-from . import distributed, loop
+from . import distributed, loop, state
 from .data import Clip, filterbank
 from .masking import mask_patches, num_patches, pad_masks
 from .random_tokenizer import random_tokenizer
@@ -52,13 +53,15 @@ from .token_labels import TokenLabels
 from .unlabelled import (
     UnlabelledConfig,
     audio_dataset,
+    check_audio,
     crop_patches,
+    files_digest,
     find_audio,
     heldout_batches,
     heldout_dataset,
 )
 
-# Training settings of a preset that differ from `PretrainConfig`'s (the spec's, for base).
+# Training settings of a preset that differ from `PretrainConfig`'s (the paper's, for base).
 # tiny: learns on a 2-core CPU in minutes: 2000 steps of 8 crops of 2 s (9 h of audio) took
 # 7 min at ~85 audio s/s (one torch thread); on the 12-minute corpus its linear probe beat
 # the untrained encoder's by 0.84 to 0.34, where 300 steps were not enough to tell
@@ -73,7 +76,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PretrainConfig(UnlabelledConfig):
-    """`UnlabelledConfig` plus pre-training's settings; defaults are the spec's for
+    """`UnlabelledConfig` plus pre-training's settings; defaults are the paper's for
     ``base`` (400k steps of 560 clips of 10 s, lr 5e-4, 32k warm-up then linear decay to 0,
     AdamW (0.9, 0.98), weight decay 0.01, clip 1.0, bf16); `for_preset` gives a preset's
     own (``tiny``: `TRAINING_PRESETS`).
@@ -182,6 +185,14 @@ class LabelSource:
         if self.tokenizer is not None:
             self.tokenizer.requires_grad_(False).eval()
             self.num_labels = self.tokenizer.cfg.quant_n
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the labels for ``--resume``: the source, and the tokenizer's
+        `beats.train.state.weights_digest` when there is one."""
+        out: dict[str, Any] = {"source": self.description}
+        if self.tokenizer is not None:
+            out["weights"] = state.weights_digest(self.tokenizer)
+        return out
 
     def check(self, files: Sequence[Clip]) -> None:
         """Token outputs must cover every file, and the first file's must match its audio."""
@@ -310,6 +321,7 @@ class PretrainTask(loop.Task):
         self.cfg = cfg
         self.source = labels
         self.info = info or {}
+        self.files, self.heldout_files = files, heldout
         draw = MaskDraw(model.cfg.mask_ratio)
         self.train_set = audio_dataset(files, cfg, draw)
         self.heldout_set = heldout_dataset(heldout, cfg, draw) if len(heldout) else None
@@ -321,6 +333,10 @@ class PretrainTask(loop.Task):
     def run_info(self) -> dict[str, Any]:
         return {**self.info, "labels": self.source.description,
                 "ssl_config": self.model.cfg.to_dict()}
+
+    def identity(self) -> dict[str, Any]:
+        return {"audio": files_digest(self.files), "heldout": files_digest(self.heldout_files),
+                "model": self.model.cfg.to_dict(), "labels": self.source.identity()}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_masked(items, self.source.tokens, self.model.cfg.num_labels)
@@ -440,7 +456,9 @@ def pretrain(audio: Sequence[str | os.PathLike] | Sequence[Clip], out_dir: str |
     or `Clip` objects (paths or 16 kHz arrays). Raises ``ValueError`` before any training
     for no audio, an unknown preset or bad SSL config, a tokenizer that is not one, token
     outputs that do not match the audio, and `loop.RunError` for a folder holding another
-    run (without ``resume``) or a resumed run whose data or model differ.
+    run (without ``resume``), a resumed run whose settings, audio, labels or model differ,
+    and inputs none of which can be read (listed in ``OUT/failed.jsonl``). Resuming a
+    finished run returns it as it was written (``result.fit.finished_before``).
     """
     cfg = config or PretrainConfig()
     out_dir = Path(out_dir)
@@ -457,13 +475,28 @@ def pretrain(audio: Sequence[str | os.PathLike] | Sequence[Clip], out_dir: str |
         model = BEATsForPretraining(ssl)
     info = {"inputs": _names(audio), "heldout": _names(heldout), "files": len(files),
             "heldout_files": len(held), "output": str(out_dir)}
-    _check_resumed_data(out_dir, cfg, info, ssl)
     task = PretrainTask(model, files, cfg, source, held, info)
+    per_step, _ = loop.steps_for(cfg, len(files), cfg.crop_seconds)
+    task.failed, task.readable = check_audio(files, cfg, per_step)
     fit = loop.fit(task, cfg, out_dir)
-    scores = task.last_scores
+    if fit.finished_before:
+        scores = _last_heldout(out_dir)
+    else:
+        scores = task.last_scores
+        loop.finish(out_dir, fit)
     if scores is not None:
         scores = {k: v for k, v in scores.items() if k not in ("score", "tiebreak")}
     return PretrainResult(BEATs.from_pretrained(out_dir / "model"), scores, fit)
+
+
+def _last_heldout(out_dir: Path) -> dict[str, float] | None:
+    """The last held-out scores in ``OUT/metrics.jsonl`` (without their ``val_`` prefix)."""
+    from .logs import read_metrics
+
+    lines = [x for x in read_metrics(out_dir) if "val_masked_accuracy" in x]
+    if not lines:
+        return None
+    return {k.removeprefix("val_"): v for k, v in lines[-1].items() if k.startswith("val_")}
 
 
 def _clips(inputs: Sequence[Any], what: str) -> Sequence[Clip]:
@@ -474,24 +507,3 @@ def _clips(inputs: Sequence[Any], what: str) -> Sequence[Clip]:
 
 def _names(inputs: Sequence[Any]) -> list[str]:
     return [os.fspath(x) if not isinstance(x, Clip) else x.name for x in inputs]
-
-
-def _check_resumed_data(out_dir: Path, cfg: PretrainConfig, info: dict[str, Any],
-                        ssl: SSLConfig) -> None:
-    path = out_dir / loop.CONFIG_FILE
-    if not (cfg.resume and path.exists()):
-        return
-    before = json.loads(path.read_text())
-    for key, now in (("files", info["files"]), ("heldout_files", info["heldout_files"]),
-                     ("ssl_config", ssl.to_dict())):
-        if key in before and before[key] != json.loads(json.dumps(now)):
-            raise loop.RunError(f"cannot resume in {out_dir}: the earlier run had other "
-                                f"{key.replace('_', ' ')} ({_short(before[key])} -> "
-                                f"{_short(now)}); give the same audio and model")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) < 60 else text[:57] + "..."
-
-

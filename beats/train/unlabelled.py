@@ -19,6 +19,11 @@ What every trainer on unlabelled audio shares, in one place:
   gets key (i, i) under the held-out seed, so every evaluation sees the same data.
 - `crop_patches(batch)`: the patch count of a collated batch (``S = 8 * (T // 16)``)
   and each clip's valid patches.
+- `check_audio(files, cfg)`: before training, headers are read in order until one
+  step's worth of crops is found readable (so a huge corpus costs a few hundred headers):
+  the unreadable files met on the way, and how many were readable (none stops the run,
+  too little audio for one step is a warning).
+- `files_digest(files)`: what identifies the file list of a run for ``--resume``.
 
 The command-line side is `beats.commands.training.UNLABELLED` (``--crop``) and
 `beats.commands.training.add_audio_arguments` (AUDIO..., ``--heldout``).
@@ -26,7 +31,9 @@ The command-line side is `beats.commands.training.UNLABELLED` (``--crop``) and
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +45,7 @@ from ..audio import AUDIO_EXTENSIONS
 from ..files import printable
 from ..windows import STEP_SAMPLES
 from .config import TrainConfig
-from .data import Clip, ClipDataset, ItemAugment
+from .data import Clip, ClipDataset, ItemAugment, scan
 from .masking import num_patches
 
 HELDOUT_SEED = 2**31 - 1  # crops and masks of held-out clips: fixed, whatever --seed
@@ -180,3 +187,43 @@ def crop_patches(batch: dict[str, Any]) -> tuple[int, list[int]]:
     the padded length, each clip's own count from its length."""
     return (num_patches(int(batch["wav"].shape[1])),
             [num_patches(int(n)) for n in batch["lengths"].tolist()])
+
+
+def check_audio(files: Sequence[Clip], cfg: UnlabelledConfig, per_step: int
+                ) -> tuple[list[tuple[str, str]], int]:
+    """Read headers in order until ``per_step`` crops' worth of audio (``per_step *
+    cfg.crop_seconds`` seconds) is found readable, or the files run out.
+
+    Returns ([(path, error)] of the unreadable files met, readable files met). Warns when
+    all the readable audio is shorter than that: every step then repeats it.
+    """
+    wanted = per_step * cfg.crop_seconds
+    failed: list[tuple[str, str]] = []
+    readable, seconds = 0, 0.0
+    for clip in files:
+        if seconds >= wanted:
+            break
+        good, bad = scan([clip])
+        failed += bad
+        readable += len(good)
+        seconds += sum(c.duration or 0.0 for c in good)
+    if readable and seconds < wanted:
+        warnings.warn(
+            f"the readable audio ({seconds:.1f} s in {readable} file(s)) is shorter than one "
+            f"step's crops ({per_step} x {cfg.crop_seconds:g} s = {wanted:g} s): every step "
+            "repeats the same audio; add audio, or lower --batch-size or --crop", UserWarning,
+            stacklevel=2)
+    return failed, readable
+
+
+def files_digest(files: Sequence[Clip]) -> dict[str, Any]:
+    """``{"files": N, "digest": hex}``: a SHA-256 of the file paths (or samples), in order."""
+    h = hashlib.sha256()
+    for clip in files:
+        source = clip.source
+        if isinstance(source, (str, Path)):
+            h.update(os.fsencode(source))
+        else:
+            h.update(np.ascontiguousarray(np.asarray(source, dtype=np.float32)).tobytes())
+        h.update(b"\0")
+    return {"files": len(files), "digest": h.hexdigest()}
