@@ -68,6 +68,38 @@ def test_weight_norm_conv_matches_torch_weight_norm(kernel):
     assert torch.allclose(ours(x), plain(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("channels, groups, kernel", [
+    (48, 4, 16),  # the reference checkpoints' layout: 12 channels per group, 16 taps
+    (16, 2, 32),  # 8 per group, 32 taps
+    (64, 4, 16),  # 16 per group
+])
+def test_reduced_precision_positional_convolution_is_the_float64_one_rounded(
+        channels, groups, kernel, autocast):
+    """bfloat16 positional convolution (cast model, or float32 model under autocast) on
+    CPU: the float64 convolution of the same bfloat16 inputs, to bfloat16 rounding. On CPUs
+    with AMX, oneDNN's bfloat16 kernel got groups of under 16 channels wrong (cosine ~0.4)."""
+    torch.manual_seed(0)
+    conv = WeightNormConv1d(channels, kernel, groups)
+    with torch.no_grad():
+        conv.weight_g.mul_(torch.rand_like(conv.weight_g) + 0.5)
+        conv.bias.normal_()
+    x = torch.randn(2, 96, channels).to(torch.bfloat16).transpose(1, 2)  # (B, C, T), as used
+    wide = copy.deepcopy(conv).to(torch.bfloat16).double()  # the same rounded weights
+    expected = wide(x.double())
+    with torch.no_grad():
+        if autocast:
+            conv.load_state_dict(wide.state_dict())  # float32 copies of the bf16 weights
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = conv(x.float())
+        else:
+            got = conv.to(torch.bfloat16)(x)
+    assert got.shape == expected.shape == (2, channels, 96 + 1 - kernel % 2)
+    cosine = F.cosine_similarity(got.double(), expected, dim=1)  # per position
+    assert cosine.min() > 0.9999, float(cosine.min())
+    assert (got.double() - expected).abs().max() <= 0.01 * expected.abs().max()
+
+
 def _bucket(r: int, num_buckets: int, max_distance: int) -> int:
     """Spec section 6, one offset at a time, in plain Python floats."""
     nb = num_buckets // 2
