@@ -10,7 +10,8 @@ picks one per forward pass.
   padded keys) as an additive float mask. Autograd, dropout, ``torch.compile``,
   ``torch.export`` and ONNX.
 - `by_clip_attention`: one clip at a time into score buffers reused by every layer, with
-  batched matrix products; outside autograd only. The faster on CPU in bfloat16.
+  batched matrix products; outside autograd only. The faster in bfloat16 on CPUs
+  without AMX.
 
 `Workspace` holds the buffers that the layers of one forward pass share.
 """
@@ -150,9 +151,10 @@ def by_clip_attention(
 
     Why: on an AMD EPYC (Zen 4), SDPA's bfloat16 kernel, which runs many small block
     products, was measured no faster than its float32 one, while these batched products
-    run at the bfloat16 matrix rate. The price is one bfloat16 rounding of the scores,
-    which SDPA keeps in float32: the features' cosine to float32 stays above 0.9999 on
-    the reference checkpoints.
+    run at the bfloat16 matrix rate. On an Intel Xeon with AMX, SDPA is the faster
+    (`beats.attention.choose_implementation`). The price is one bfloat16 rounding of the
+    scores, which SDPA keeps in float32: the features' cosine to float32 stays above
+    0.9999 on the reference checkpoints.
     """
     if dropout_p > 0.0:
         raise ValueError("by_clip_attention has no dropout")

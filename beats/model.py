@@ -154,7 +154,7 @@ class BEATs(nn.Module):
         """How attention is computed: the implementation the latest forward pass ran.
 
         Set it to choose: ``"auto"`` (the default: ``"by_clip"`` for bfloat16 inference on
-        CPU, else ``"sdpa"``), ``"eager"`` (the plain formula), ``"sdpa"``
+        a CPU without AMX, else ``"sdpa"``), ``"eager"`` (the plain formula), ``"sdpa"``
         or ``"by_clip"``; all give the same numbers to float rounding (`beats.attention`).
         Before the first forward pass, after a new setting and after ``.to()`` it shows
         the one an inference call would run.
