@@ -10,7 +10,8 @@ offset j - i (`relative_position_buckets`), from one table that every layer shar
 ``G`` is the GRU gate, computed per head and query from the query itself (`gru_gate`).
 `eager_attention` is this computation as written. The faster implementations in
 `beats.fast_attention` compute the same numbers; `choose_implementation` picks one, in
-one place, from ``MultiheadAttention.implementation`` (``"auto"`` by default).
+one place, from ``MultiheadAttention.implementation`` (``"auto"`` by default). See
+docs/design/architecture.md: Attention, Relative position bias, Gated relative positions.
 
 Attention implementations (``attn_implementation``):
 

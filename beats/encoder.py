@@ -1,4 +1,7 @@
-"""The BEATs Transformer encoder: positional convolution and layers."""
+"""The BEATs Transformer encoder: positional convolution and layers.
+
+See docs/design/architecture.md: Encoder input, Layers.
+"""
 
 from __future__ import annotations
 

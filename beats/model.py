@@ -26,7 +26,7 @@ def patch_padding_mask(lengths: torch.Tensor, num_positions: int) -> torch.Tenso
     """Exact patch-level padding mask (B, S), True at padding, from sample lengths (B,).
 
     A clip of n samples has T = 1 + (n - 400) // 160 frames and T // 16 time steps, so its
-    first 8 * (T // 16) positions are valid (spec section 8).
+    first 8 * (T // 16) positions are valid (docs/design/architecture.md, Padding).
     """
     frames = torch.div(lengths - 400, 160, rounding_mode="floor") + 1
     return frame_padding_mask(frames.clamp(min=0), num_positions)
