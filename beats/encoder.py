@@ -1,4 +1,7 @@
-"""The BEATs Transformer encoder: positional convolution and layers (spec sections 4, 5, 7)."""
+"""The BEATs Transformer encoder: positional convolution and layers.
+
+See docs/design/architecture.md: Encoder input, Layers.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiheadAttention, Workspace
+from .attention import (
+    MultiheadAttention,
+    Workspace,
+    check_implementation,
+    choose_implementation,
+    outside_autograd,
+)
 from .config import BEATsConfig
 from .modules import (
     GLULinear,
@@ -16,7 +25,6 @@ from .modules import (
     SamePad,
     WeightNormConv1d,
     get_activation_fn,
-    is_tracing,
 )
 
 
@@ -95,6 +103,32 @@ class TransformerEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(dim)
         init_weights(self, cfg)
 
+    @property
+    def attn_implementation(self) -> str:
+        """The attention implementation of the latest forward pass, or the next one's.
+
+        Every layer runs the same one. Before the first forward pass, after a new setting
+        and after a change of device or dtype, it is the one an inference call in eval
+        mode (``embed``, ``torch.no_grad``) would run now. Set it to ``"auto"`` (the
+        default), ``"eager"``, ``"sdpa"`` or ``"by_clip"`` (see `beats.attention`).
+        """
+        if not self.layers:
+            return "none"
+        attn = self.layers[0].self_attn
+        weight = attn.q_proj.weight
+        ran = attn.last_implementation
+        if ran is not None and attn.last_ran_on == (weight.device, weight.dtype):
+            return ran
+        with torch.no_grad():
+            return choose_implementation(attn.implementation, weight.device, weight.dtype, 0.0)
+
+    @attn_implementation.setter
+    def attn_implementation(self, name: str) -> None:
+        check_implementation(name)
+        for layer in self.layers:
+            layer.self_attn.implementation = name
+            layer.self_attn.last_implementation = None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -146,7 +180,7 @@ class TransformerEncoder(nn.Module):
                 position_bias = attn.position_bias_at(positions)
         # Scratch memory (attention masks and scores) shared by the layers, in eager
         # inference only: autograd needs its tensors kept, a captured graph plans its own.
-        workspace = Workspace() if not torch.is_grad_enabled() and not is_tracing() else None
+        workspace = Workspace() if outside_autograd() else None
         for layer in self.layers[:stop]:
             if self.grad_decay != 1.0 and torch.is_grad_enabled():
                 x = GradMultiply.apply(x, self.grad_decay)

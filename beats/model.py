@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, hub, serialization
+from .attention import check_implementation
 from .config import BEATsConfig, check_memory
 from .encoder import TransformerEncoder
 from .fbank import NUM_MEL_BINS, fbank
@@ -25,7 +26,7 @@ def patch_padding_mask(lengths: torch.Tensor, num_positions: int) -> torch.Tenso
     """Exact patch-level padding mask (B, S), True at padding, from sample lengths (B,).
 
     A clip of n samples has T = 1 + (n - 400) // 160 frames and T // 16 time steps, so its
-    first 8 * (T // 16) positions are valid (spec section 8).
+    first 8 * (T // 16) positions are valid (docs/design/architecture.md, Padding).
     """
     frames = torch.div(lengths - 400, 160, rounding_mode="floor") + 1
     return frame_padding_mask(frames.clamp(min=0), num_positions)
@@ -147,6 +148,22 @@ class BEATs(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        """How attention is computed: the implementation the latest forward pass ran.
+
+        Set it to choose: ``"auto"`` (the default: ``"by_clip"`` for bfloat16 inference on
+        a CPU without AMX, else ``"sdpa"``), ``"eager"`` (the plain formula), ``"sdpa"``
+        or ``"by_clip"``; all give the same numbers to float rounding (`beats.attention`).
+        Before the first forward pass, after a new setting and after ``.to()`` it shows
+        the one an inference call would run.
+        """
+        return self.encoder.attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, name: str) -> None:
+        self.encoder.attn_implementation = name
 
     @property
     def labels(self) -> list[str] | None:
@@ -409,6 +426,7 @@ class BEATs(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         local_files_only: bool = False,
+        attn_implementation: str = "auto",
     ) -> BEATs:
         """Load a checkpoint from anywhere; returned in eval mode.
 
@@ -432,8 +450,10 @@ class BEATs(nn.Module):
 
         ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` forbid downloads: cached files
         load, anything else is an error that says what is missing. The model is moved to
-        ``device`` and cast to ``dtype`` when given.
+        ``device`` and cast to ``dtype`` when given. ``attn_implementation`` sets
+        `attn_implementation` (checked before anything is loaded).
         """
+        check_implementation(attn_implementation)
 
         def convert(pt_path: Path, out_dir: Path) -> None:
             ckpt = checkpoint.load_pt(pt_path)
@@ -458,6 +478,7 @@ class BEATs(nn.Module):
             labels = None if found.labels is None else serialization.read_labels(found.labels)
             cfg = _merge_config(cfg, config, found.source, len(state_dict))
             model = cls._from_parts(cfg, state_dict, labels, found.source)
+        model.attn_implementation = attn_implementation
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, save_directory: str | Path) -> Path:

@@ -130,6 +130,21 @@ class WeightNormConv1d(nn.Module):
         return v * (self.weight_g.to(v.dtype) / v.norm(dim=(0, 1), keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, C, T + 1 - K % 2), in x's dtype.
+
+        On CPU, a convolution with fewer than 16 input channels per group runs in float32
+        when it would otherwise run in bfloat16 or float16 (x's dtype or autocast's): for
+        such groups, oneDNN's AMX bfloat16 convolution (``brg_conv_fwd`` on CPUs with AMX,
+        oneDNN 3.12) returns wrong values for most even kernel widths, and hangs on some
+        one-channel groups. The released models have 48 channels per group (not affected,
+        kept in bfloat16); the small layouts this concerns cost next to nothing in float32.
+        """
+        if x.device.type == "cpu" and self.weight_v.shape[1] < 16 and _runs_in_half(x):
+            with torch.autocast("cpu", enabled=False):
+                return self._conv(x.float()).to(x.dtype)
+        return self._conv(x)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         # Run as a 2-D convolution over (B, C, 1, T) in channels-last layout: oneDNN's
         # grouped kernel for that layout is about twice as fast on CPU as conv1d's, and the
         # encoder's (B, T, C) activations, transposed, already are channels-last (no copy).
@@ -137,6 +152,14 @@ class WeightNormConv1d(nn.Module):
         y = F.conv2d(x.unsqueeze(2), w, self.bias.to(x.dtype),
                      padding=(0, self.kernel_size // 2), groups=self.groups)
         return y.squeeze(2)
+
+
+def _runs_in_half(x: torch.Tensor) -> bool:
+    """Whether an operation on x computes in float16/bfloat16 (x's dtype, or autocast's)."""
+    if x.dtype in _HALF:
+        return True
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in _HALF
 
 
 def _drop_blocks(weight: torch.Tensor, p: float, block_size: int) -> torch.Tensor:

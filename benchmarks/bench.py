@@ -6,6 +6,9 @@
 Paths: ``baseline`` (benchmarks/original.py: the original's computation, float32),
 ``fast-fp32`` and ``fast-bf16`` (`BEATs.embed`), ``fast-fp16`` (GPU only) and, with
 ``--compile``, ``compiled-fp32`` (``torch.compile`` of the waveform-to-features graph).
+The fast paths use the default attention implementation (``auto``); ``--attn sdpa,eager``
+adds each fast path again with those (``fast-bf16:sdpa``, ...). The last column names the
+attention implementation each path ran.
 Rounds run every path once in turn; each path's best round is reported, so a noisy
 machine slows all paths alike. Columns: audio seconds per second; achieved GFLOP/s
 (`model_flops`); peak RSS of the process during the path and the part above what was
@@ -41,7 +44,7 @@ from beats import BEATs, BEATsConfig, extract_windowed
 from beats.fbank import num_frames
 from benchmarks.original import OriginalBEATs
 
-BASE = dict(  # BEATs_iter3_plus_AS2M (spec section 10): 90 M parameters
+BASE = dict(  # BEATs_iter3_plus_AS2M: 90 M parameters
     encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
     encoder_attention_heads=12, activation_fn="gelu", layer_norm_first=False, deep_norm=True,
     conv_bias=False, conv_pos=128, conv_pos_groups=16, relative_position_embedding=True,
@@ -150,21 +153,27 @@ def load_model(args: argparse.Namespace) -> tuple[BEATs, str]:
         return BEATs(BEATsConfig(**BASE)).eval(), "random (base architecture, 90 M)"
 
 
-def build_paths(model: BEATs, args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
+def build_paths(
+    model: BEATs, args: argparse.Namespace
+) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, BEATs]]:
+    """The paths to time (``args.paths`` and the baseline) and the models of the fast ones."""
     device = torch.device(args.device)
     num_samples = round(args.seconds * 16000)
     wav = test_audio(args.batch, num_samples).to(device)
     baseline = OriginalBEATs(model)
-    paths: dict[str, Callable[[], torch.Tensor]] = {
-        "baseline": lambda: baseline(wav)[0],
-        "fast-fp32": lambda: model.embed(wav).features,
-    }
-    dtypes = [torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
-    for dtype in dtypes:
-        half = copy.deepcopy(model).to(dtype)
-        name = "fast-bf16" if dtype == torch.bfloat16 else "fast-fp16"
-        paths[name] = lambda half=half: half.embed(wav).features
-    if args.compile:
+    paths: dict[str, Callable[[], torch.Tensor]] = {"baseline": lambda: baseline(wav)[0]}
+    models = {"fast-fp32": model}
+    if device.type == "cuda":
+        models["fast-fp16"] = copy.deepcopy(model).to(torch.float16)
+    models["fast-bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+    models = {name: m for name, m in models.items() if name in args.paths}
+    for name in list(models):
+        for attn in args.attn:
+            models[f"{name}:{attn}"] = other = copy.deepcopy(models[name])
+            other.attn_implementation = attn
+    for name, m in models.items():
+        paths[name] = lambda m=m: m.embed(wav).features
+    if args.compile and "compiled-fp32" in args.paths:
         compiled = torch.compile(model.forward_waveform, fullgraph=True)
         lengths = torch.full((args.batch,), num_samples, device=device)
 
@@ -173,7 +182,7 @@ def build_paths(model: BEATs, args: argparse.Namespace) -> dict[str, Callable[[]
                 return compiled(wav, lengths, mask_keys=False).features
 
         paths["compiled-fp32"] = run_compiled
-    return {k: v for k, v in paths.items() if k in args.paths or k == "baseline"}
+    return paths, models
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -200,7 +209,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"(S = {positions} positions); {flops / 1e9:.4g} GFLOP per batch; "
           f"best of {args.repeats} rounds")
 
-    paths = build_paths(model, args)
+    paths, models = build_paths(model, args)
     memory = Memory(device)
     best = {name: float("inf") for name in paths}
     peak = {name: 0.0 for name in paths}
@@ -228,14 +237,16 @@ def run(args: argparse.Namespace) -> list[dict]:
             path=name, audio_per_s=args.batch * args.seconds / best[name],
             gflops=flops / best[name] / 1e9, peak_mib=peak[name], work_mib=work[name],
             speedup=best["baseline"] / best[name], max_diff=diff, min_cos=cos,
+            attention=models[name].attn_implementation if name in models else "-",
         ))
     mem = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB (+ path)"
-    print(f"| path | audio s/s | GFLOP/s | {mem} | vs baseline | max abs diff | min cosine |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| path | audio s/s | GFLOP/s | {mem} | vs baseline | max abs diff | min cosine "
+          "| attention |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['path']} | {r['audio_per_s']:.1f} | {r['gflops']:.3g} | "
               f"{r['peak_mib']:.0f} (+{r['work_mib']:.0f}) | {r['speedup']:.2f}x | "
-              f"{r['max_diff']:.2e} | {r['min_cos']:.6f} |")
+              f"{r['max_diff']:.2e} | {r['min_cos']:.6f} | {r['attention']} |")
 
     if args.long_minutes > 0:
         long_wav = test_audio(1, round(args.long_minutes * 60 * 16000), seed=1)[0]
@@ -270,8 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="add the torch.compile path")
     p.add_argument("--paths", default="fast-fp32,fast-bf16,fast-fp16,compiled-fp32",
                    help="comma-separated paths besides the baseline")
+    p.add_argument("--attn", default="",
+                   help="comma-separated attention implementations (eager, sdpa, by_clip) to "
+                        "run each fast path with too, besides the default (auto)")
     args = p.parse_args(argv)
     args.paths = args.paths.split(",")
+    args.attn = [a for a in args.attn.split(",") if a]
     if args.quick:
         args.batch, args.seconds, args.repeats, args.long_minutes = 2, 2.0, 1, 0.5
     return args

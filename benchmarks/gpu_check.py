@@ -242,7 +242,7 @@ def attention_kernels(check: Check, fn: Callable[[], Any]) -> str:
             found.append("kernel " + kernels[0][:60])
     if not any(op in names for op in backends):
         if any(n.startswith("aten::baddbmm") for n in names):
-            found.insert(0, "none: batched products (attend_by_clip)")
+            found.insert(0, "none: batched products (by_clip attention)")
         elif "aten::bmm" in names:
             found.insert(0, "none: explicit bmm + softmax")
         else:

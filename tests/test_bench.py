@@ -33,13 +33,19 @@ def test_flop_count_of_the_base_model():
 
 
 def test_quick_run_prints_the_table(capsys):
-    rows = bench.main(["--quick", "--long-minutes", "0.2"])
+    rows = bench.main(["--quick", "--long-minutes", "0.2", "--attn", "by_clip"])
     text = capsys.readouterr().out
     assert "| path | audio s/s | GFLOP/s |" in text and "long audio" in text
     by_path = {r["path"]: r for r in rows}
-    assert set(by_path) == {"baseline", "fast-fp32", "fast-bf16", "windowed"}
+    assert set(by_path) == {"baseline", "fast-fp32", "fast-bf16", "fast-fp32:by_clip",
+                            "fast-bf16:by_clip", "windowed"}
     assert by_path["fast-fp32"]["max_diff"] <= 1e-4
+    assert by_path["fast-fp32:by_clip"]["max_diff"] <= 1e-4
     assert by_path["fast-bf16"]["min_cos"] >= 0.999
+    assert by_path["fast-bf16:by_clip"]["min_cos"] >= 0.999
+    assert by_path["fast-fp32"]["attention"] == "sdpa"
+    assert by_path["fast-bf16:by_clip"]["attention"] == "by_clip"
+    assert "| fast-bf16:by_clip |" in text and text.count("| by_clip |") == 2
     assert all(r["audio_per_s"] > 0 for r in rows)
 
 

@@ -334,7 +334,7 @@ def test_examples_run(page, example_world, monkeypatch):
 _MAKING = re.compile(r"spec section|training spec|spec A\.\d|\bthe spec\b|issue item|"
                      r"this session|was lent|no GPU was", flags=re.I)
 # Files whose remaining citations are swept together with the work now changing them.
-_NOT_YET_SWEPT = {"beats/attention.py", "beats/encoder.py", "beats/fbank.py", "beats/model.py"}
+_NOT_YET_SWEPT = {"beats/fbank.py"}
 
 
 def test_no_text_about_how_the_project_was_made():
