@@ -40,6 +40,7 @@ from .labelled import (  # noqa: F401 - the probe's data, kept importable from h
 )
 from .manifest import FAILED, latest_by_key, read_manifest
 from .metrics import accuracy, macro_f1, mean_average_precision
+from .options import check, option
 
 KINDS = ("linear", "attentive")
 # What a probe writes into its folder; a folder holding one of them holds a probe.
@@ -168,14 +169,17 @@ def _score(m: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """Optimiser and early-stopping settings of `fit`."""
+    """Optimiser and early-stopping settings of `fit` (``beats probe``'s options)."""
 
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    patience: int = 20
-    seed: int = 0
+    epochs: int = option(200, help="most training epochs", ge=1)
+    lr: float = option(1e-3, help="AdamW learning rate", gt=0)
+    weight_decay: float = option(1e-4, help="AdamW weight decay", ge=0)
+    batch_size: int = option(32, help="clips per step", ge=1)
+    patience: int = option(20, help="epochs without improvement before stopping", ge=1)
+    seed: int = option(0, help="seed of the splits and the head", ge=0)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 def fit(probe: Probe, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
