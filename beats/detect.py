@@ -41,7 +41,7 @@ import soxr
 import torch
 
 from .audio import to_mono
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .events import (
     STEP_SECONDS,
     Event,
@@ -483,11 +483,11 @@ def detect_files(
     def compute(model: BEATs, loaded: list[Any], options: ExtractOptions) -> Iterator[Any]:
         for item in loaded:
             probs = detector.frame_scores(pad_to_minimum(item.wav)).probs
-            if not np.isfinite(probs).all():
-                yield item, ("the model's frame scores hold NaN or Inf although the audio is "
-                             "finite: the checkpoint may hold NaN or Inf weights, or a "
-                             "half-precision dtype overflowed (try --dtype float32)")
-                continue
+            if not np.isfinite(probs).all():  # the engine records it for this file alone
+                raise NonFiniteError("the model's frame scores hold NaN or Inf although the "
+                                     "audio is finite: the checkpoint may hold NaN or Inf "
+                                     "weights, or a half-precision dtype overflowed (try "
+                                     "--dtype float32)")
             yield item, (probs, None, len(item.wav) < MIN_SAMPLES)
 
     job = Job(

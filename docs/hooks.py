@@ -3,7 +3,8 @@
 A page holds a marker line ``<!-- generated: NAME -->``; `on_page_markdown` replaces it
 with ``GENERATORS[NAME]()``, Markdown made from the code itself: the command line from
 ``beats.cli.build_parser()``, config fields from the config dataclasses, exit codes from
-``beats.cli`` and the error types from ``beats.errors`` and its subclasses. Nothing here is
+``beats.cli`` (the codes and the error policy in its docstring) and the error types from
+``beats.errors`` and its subclasses. Nothing here is
 kept by hand, so the pages cannot drift from the code.
 
 The tests import this file to check that every config field and option appears.
@@ -320,15 +321,29 @@ def _error_types() -> list[type]:
     return found
 
 
+def error_policy() -> str:
+    """The error policy as `beats.cli`'s docstring states it (its ``Errors`` part), in
+    Markdown: the one place it is written."""
+    doc = inspect.getdoc(importlib.import_module("beats.cli")) or ""
+    if "\nErrors" not in doc:
+        return ""
+    part = doc.split("\nErrors", 1)[1].split(":", 1)[1].strip()
+    return part.replace("``", "`") + "\n"
+
+
 def errors_reference() -> str:
-    """The exit-code table and the error types a user can fix."""
+    """The exit-code table, the error policy and the error types a user can fix."""
     rows = [[_code(code), _code(name) if name else "", _cell(text)]
             for code, name, text in exit_codes()]
     out = [_table(["code", "in `beats.cli`", "meaning"], rows), ""]
+    policy = error_policy()
+    if policy:
+        out += ["### What each kind of error does\n", policy]
     rows = []
     for cls in _error_types():
         bases = ", ".join(f"`{b.__name__}`" for b in cls.__bases__ if b is not object)
-        rows.append([f"`{cls.__module__}.{cls.__name__}`", bases, _cell(_summary(cls))])
+        rows.append([f"`{cls.__module__}.{cls.__name__}`", bases,
+                     _cell(_summary(cls).replace("``", "`"))])
     out.append("### Error types\n")
     out.append(_table(["type", "bases", "raised for"], rows))
     return "\n".join(out)

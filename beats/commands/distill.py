@@ -16,6 +16,7 @@ from .training import (
     config_from_layers,
     read_config_file,
     record_audio,
+    report_failures,
 )
 
 
@@ -86,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"beats distill: the run in {out} is finished (same settings, teacher and "
               f"audio): nothing to do; its tokenizer is {out / 'tokenizer'}", file=sys.stderr)
         return 0
-    if result.fit.failed:
-        print(f"beats distill: {len(result.fit.failed)} file(s) could not be read and were "
-              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
+    code = report_failures("distill", result.fit, out)
     if not cfg.quiet:
         last = _last_line(out)
         size = result.tokenizer.cfg.quant_n
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"tokenizer saved to {out / 'tokenizer'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 1 if result.fit.failed else 0
+    return code
 
 
 def _last_line(out: Path) -> dict | None:

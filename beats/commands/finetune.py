@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import InputError
 from .arguments import output_folder, warnings_as_lines
 from .options import Option
-from .training import add_config_options, config_from_layers, read_config_file
+from .training import add_config_options, config_from_layers, read_config_file, report_failures
 
 
 def options() -> list[Option]:
@@ -74,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"beats finetune: the run in {out} is finished (same settings, model and "
               f"data): nothing to do; its model is {out / 'model'}", file=sys.stderr)
         return 0
-    if report["failed_files"]:
-        print(f"beats finetune: {len(report['failed_files'])} file(s) could not be read and "
-              f"were skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
+    code = report_failures("finetune", result.fit, out)
     if not cfg.quiet:
         for split in ("val", "test"):
             if split in report:
@@ -89,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"cross-validation mean: {shown}", file=sys.stderr)
         print(f"model saved to {out / 'model'} (best step {report['best_step']}"
               f" of {report['steps']}, {report['training_seconds']:.0f} s)", file=sys.stderr)
-    return 1 if report["failed_files"] else 0
+    return code
 
 
 def interrupted(command: str, output: str) -> int:

@@ -176,6 +176,7 @@ def probe(data: str, seed: int, device: str, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..failures import ERRORS_LOG
     from ..train.iterate import format_summary, iterate
     from ..train.loop import TrainingError
 
@@ -207,4 +208,9 @@ def run(args: argparse.Namespace) -> int:
     if skipped:  # exit 1: the run completed without some inputs
         print(f"beats iterate: some files could not be read and were skipped (see "
               f"{', '.join(map(str, skipped))})", file=sys.stderr)
+    logs = sorted(Path(args.output).glob(f"iter*/*/{ERRORS_LOG}"))
+    if logs:
+        print(f"beats iterate: some files failed with an unexpected error, probably a bug in "
+              f"beats: the tracebacks are in {', '.join(map(str, logs))}; please report them",
+              file=sys.stderr)
     return 1 if skipped else 0

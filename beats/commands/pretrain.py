@@ -16,6 +16,7 @@ from .training import (
     config_from_layers,
     read_config_file,
     record_audio,
+    report_failures,
 )
 
 
@@ -82,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"beats pretrain: the run in {out} is finished (same settings, audio and "
               f"labels): nothing to do; its model is {out / 'model'}", file=sys.stderr)
         return 0
-    if result.fit.failed:
-        print(f"beats pretrain: {len(result.fit.failed)} file(s) could not be read and were "
-              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
+    code = report_failures("pretrain", result.fit, out)
     if not cfg.quiet:
         if result.heldout:
             h = result.heldout
@@ -93,4 +92,4 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"model saved to {out / 'model'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 1 if result.fit.failed else 0
+    return code

@@ -136,8 +136,9 @@ def _embeddings(args: argparse.Namespace, paths: list[Path]
                              "another output folder")
         shutil.rmtree(cache)
     options.resume = (cache / "manifest.jsonl").exists()
-    extract(model, input_files(paths), cache, options, model_name=name,
-            progress=not args.quiet)
+    summary = extract(model, input_files(paths), cache, options, model_name=name,
+                      progress=not args.quiet)
+    _notice(summary.notice("probe"))
     return (*load_embeddings(cache, paths), json.loads(run_file.read_text()))
 
 
@@ -236,10 +237,16 @@ def _train_locked(args: argparse.Namespace, data: Any, out: Path, config: Any) -
     return 1 if failed else 0
 
 
+def _notice(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
+
+
 def _predict(args: argparse.Namespace) -> int:
     """Embed the files as the probe's embeddings were made (``beats extract``'s engine:
     long files in windows, in a temporary folder), then apply the probe."""
     from ..extract import ExtractOptions, extract
+    from ..failures import ERRORS_LOG, ErrorLog
     from ..files import discover_inputs
     from ..pooling import parse_layers
     from ..probe import collate, load_embeddings, load_probe
@@ -255,8 +262,14 @@ def _predict(args: argparse.Namespace) -> int:
                              hop=settings.get("hop") if window else None)
     items = discover_inputs(args.inputs)
     with tempfile.TemporaryDirectory(prefix="beats-probe-") as tmp:
-        extract(model, items, tmp, options, model_name=str(name), progress=False)
+        summary = extract(model, items, tmp, options, model_name=str(name), progress=False)
         arrays, failed = load_embeddings(tmp, [item.path.resolve() for item in items])
+        if summary.unexpected:  # keep the tracebacks: the folder goes
+            kept = ErrorLog(None, "probe").path
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / ERRORS_LOG, kept)
+            summary.errors_log = str(kept)
+    _notice(summary.notice("probe"))
     errors = {p: e for p, e in failed}
     for item, array in zip(items, arrays, strict=True):
         path = str(item.path)

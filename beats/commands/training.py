@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,3 +73,18 @@ def add_audio_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out audio (file, folder or list; repeatable) scored every "
                         "--eval-every steps on fixed crops (and masks, for pre-training) "
                         "(default: none)")
+
+
+def report_failures(command: str, fit: Any, out: Path) -> int:
+    """Say how many files were skipped (listed in OUT/failed.jsonl) and whether some failed
+    with an unexpected error (tracebacks in OUT/errors.log); the exit code: 1 when files
+    were skipped, else 0. ``fit``: the run's `beats.train.loop.FitResult`."""
+    from ..failures import ERRORS_LOG, unexpected_notice
+
+    if fit.failed:
+        print(f"beats {command}: {len(fit.failed)} file(s) could not be read and were "
+              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
+    notice = unexpected_notice(command, fit.unexpected, out / ERRORS_LOG)
+    if notice:
+        print(notice, file=sys.stderr)
+    return 1 if fit.failed else 0

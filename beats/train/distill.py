@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import serialization
 from ..config import BEATsConfig
+from ..errors import InputError, NotFoundError
 from ..hub import ModelKindError
 from ..model import BEATs
 from ..options import option, override
@@ -150,14 +151,14 @@ class DistillTask(loop.Task):
         cfg = cfg if cfg is not None else DistillConfig()
         self.cfg = cfg
         if getattr(teacher, "is_tokenizer", False):
-            raise ValueError("the teacher is an acoustic tokenizer: distil from an encoder "
+            raise InputError("the teacher is an acoustic tokenizer: distil from an encoder "
                              "(an SSL or a fine-tuned BEATs checkpoint)")
         self.teacher = teacher.freeze()
         self.kind = target_kind(teacher, cfg.target)
         student_cfg = student_cfg if student_cfg is not None else resolve_student(
             cfg.student, teacher.cfg)
         if student_cfg.input_patch_size != teacher.cfg.input_patch_size:
-            raise ValueError(f"the student's patches ({student_cfg.input_patch_size}) must "
+            raise InputError(f"the student's patches ({student_cfg.input_patch_size}) must "
                              f"match the teacher's ({teacher.cfg.input_patch_size}): one "
                              "target per student patch")
         self.student_cfg = student_cfg
@@ -302,7 +303,7 @@ class DistillTask(loop.Task):
         mine = {k: tuple(v.shape) for k, v in self.distiller.state_dict().items()}
         for key in sorted(saved.keys() | mine.keys()):
             if saved.get(key) != mine.get(key):
-                raise ValueError(
+                raise InputError(
                     f"cannot resume in {out_dir}: its model does not fit this teacher and "
                     f"student ({key}: saved {saved.get(key, 'none')}, now "
                     f"{mine.get(key, 'none')}; this teacher's target has {self.target_dim} "
@@ -325,16 +326,16 @@ def load_teacher(teacher: BEATs | str | Path) -> BEATs:
     or a missing model is one clear error."""
     if isinstance(teacher, BEATs):
         if getattr(teacher, "is_tokenizer", False):
-            raise ValueError("the teacher is an acoustic tokenizer: distil from an encoder "
+            raise InputError("the teacher is an acoustic tokenizer: distil from an encoder "
                              "(an SSL or a fine-tuned BEATs checkpoint)")
         return teacher
     try:
         return BEATs.from_pretrained(teacher)
     except ModelKindError:
-        raise ValueError(f"teacher {teacher} is an acoustic tokenizer: distil from an encoder "
+        raise InputError(f"teacher {teacher} is an acoustic tokenizer: distil from an encoder "
                          "(an SSL or a fine-tuned BEATs checkpoint)") from None
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"teacher: {e}") from None
+        raise NotFoundError(f"teacher: {e}") from None
 
 
 def distill(teacher: BEATs | str | Path, audio: Sequence[Any],

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from .. import serialization
 from ..audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..errors import InputError
+from ..failures import expected
 from ..files import atomic_write
 from ..labelled import LabelledSet, read_labelled_set, split_by_file
 from ..metrics import classification_report, score
@@ -218,7 +219,7 @@ class FinetuneTask(loop.Task):
         m = self.model
         layers = list(m.encoder.layers)
         if k > len(layers):
-            raise ValueError(f"freeze-layers {k}: the model has {len(layers)} layers")
+            raise InputError(f"freeze-layers {k}: the model has {len(layers)} layers")
         frozen = [m.patch_embedding, m.layer_norm, m.encoder.pos_conv, *layers[:k]]
         if m.post_extract_proj is not None:
             frozen.append(m.post_extract_proj)
@@ -318,7 +319,9 @@ class FinetuneTask(loop.Task):
             for i in long:
                 try:
                     logits[i] = self._windowed(clips[i])
-                except (AudioError, OSError, ValueError, RuntimeError):
+                except Exception as e:
+                    if not expected(e):
+                        raise  # a bug, not the file
                     continue  # unreadable now: left out, as in a batch
                 kept[i] = True
         targets = self.targets([c.target for c in clips])
@@ -521,7 +524,7 @@ def _samples(clip: Clip, start: int, stop: int) -> np.ndarray:
     if len(wav) < stop - start:
         wav = np.pad(wav, (0, stop - start - len(wav)))
     if not np.isfinite(wav).all():
-        raise ValueError(f"{clip.name}: the audio holds NaN or Inf samples")
+        raise AudioError(f"{clip.name}: the audio holds NaN or Inf samples")
     return wav
 
 

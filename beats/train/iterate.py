@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..failures import ERRORS_LOG
 from ..files import LOCK_NAME, atomic_write, folder_lock
 from ..options import check, option
 from . import loop
@@ -177,13 +178,13 @@ def iterate(audio: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     cfg = config or IterateConfig()
     cfg.validate()
     if cfg.probe and probe_fn is None:
-        raise ValueError("config.probe is set but no probe_fn was given")
+        raise InputError("config.probe is set but no probe_fn was given")
     out_dir = Path(out_dir)
     settings = {"audio": [os.fspath(a) for a in audio],
                 "heldout": [os.fspath(a) for a in heldout], **cfg.to_dict()}
     if (not (out_dir / SETTINGS_FILE).exists() and out_dir.exists()
-            and any(p.name != LOCK_NAME for p in out_dir.iterdir())):
-        raise ValueError(f"{out_dir} is not empty and holds no iterate run: use another -o")
+            and any(p.name not in (LOCK_NAME, ERRORS_LOG) for p in out_dir.iterdir())):
+        raise InputError(f"{out_dir} is not empty and holds no iterate run: use another -o")
     out_dir.mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
     with folder_lock(out_dir, "beats iterate"):  # a second run into OUT fails at once
@@ -218,11 +219,11 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
         try:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} cannot be read ({e}): use another output folder") from None
+            raise InputError(f"{path} cannot be read ({e}): use another output folder") from None
         # More iterations continue a finished run; any other change is another run.
         changed = [k for k in _differences(saved, settings) if k != "iterations"]
         if changed:
-            raise ValueError(f"{out_dir} holds an iterate run with other settings (differing: "
+            raise InputError(f"{out_dir} holds an iterate run with other settings (differing: "
                              f"{', '.join(changed)}): give the same command to continue it, "
                              "or use another -o")
         if saved.get("iterations") != settings["iterations"]:

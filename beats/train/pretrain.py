@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from .. import serialization
 from ..audio import SAMPLE_RATE, audio_info
+from ..errors import InputError
 from ..inputs import MIN_SAMPLES
 from ..model import PATCHES_PER_STEP, BEATs
 from ..options import OptionError, option, override
@@ -140,11 +141,11 @@ class PretrainConfig(UnlabelledConfig):
             try:
                 data = json.loads(Path(self.config).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read the SSL config {self.config}: {e}") from None
+                raise InputError(f"cannot read the SSL config {self.config}: {e}") from None
             if not isinstance(data, dict):
-                raise ValueError(f"{self.config}: an SSL config is a JSON object")
+                raise InputError(f"{self.config}: an SSL config is a JSON object")
         else:
-            raise ValueError(f"--config {self.config!r}: not a preset ({', '.join(PRESETS)}) "
+            raise InputError(f"--config {self.config!r}: not a preset ({', '.join(PRESETS)}) "
                              "nor a JSON file")
         for key in ("mask_ratio", "label_smoothing", "predictor_layers", "positions"):
             if getattr(self, key) is not None:
@@ -211,7 +212,7 @@ class LabelSource:
         records = self.tokens.records
         missing = [c.name for c in files if os.path.abspath(c.name) not in records]
         if missing:
-            raise ValueError(f"--tokens {self.tokens.folder}: {len(missing)} of {len(files)} "
+            raise InputError(f"--tokens {self.tokens.folder}: {len(missing)} of {len(files)} "
                              f"audio files have no tokens there (first: {missing[0]}); run "
                              "beats tokenize on the same files")
         first = files[0].name
@@ -269,7 +270,7 @@ def collate_masked(items: list[dict[str, Any]], tokens: TokenLabels | None = Non
     """Items -> a batch: `collate_clips` plus ``masked`` (B, S) bool and, with ``tokens``,
     ``labels`` (B, S) int64 (-1 at padding); ``count`` = masked valid patches (the loss
     terms). An item whose tokens cannot be read fails like an unreadable file."""
-    from .data import collate_clips
+    from .data import collate_clips, failure_entry
 
     for it in items:
         if it["error"] is None and tokens is not None:
@@ -277,11 +278,12 @@ def collate_masked(items: list[dict[str, Any]], tokens: TokenLabels | None = Non
                 total = file_samples(it["source"])
                 it["labels"] = tokens.crop(it["source"], it["offset"], len(it["wav"]), total)
                 if num_labels is not None and bool((it["labels"] >= num_labels).any()):
-                    raise ValueError(f"{it['source']}: token ids reach "
+                    raise InputError(f"{it['source']}: token ids reach "
                                      f"{int(it['labels'].max())}, beyond the model's "
                                      f"{num_labels} labels")
-            except (ValueError, OSError) as e:
-                it["error"] = str(e)
+            except Exception as e:  # fails like an unreadable file
+                entry = failure_entry(it["source"], e)
+                it["error"], it["trace"] = entry[1], entry[2:]
     good = [it for it in items if it["error"] is None]
     masks = [torch.from_numpy(it.pop("mask")) for it in good]
     labels = [it.pop("labels") for it in good] if tokens is not None else []

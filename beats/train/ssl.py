@@ -106,7 +106,7 @@ class SSLConfig:
     def preset(cls, name: str, **overrides: Any) -> SSLConfig:
         """A named size (``tiny``, ``base``, ``large``); ``overrides`` as in `from_dict`."""
         if name not in PRESETS:
-            raise ValueError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls.from_dict({"preset": name, **overrides})
 
     @classmethod
@@ -115,20 +115,20 @@ class SSLConfig:
         ``model`` holding the encoder's `BEATsConfig` keys to change. `to_dict`'s output
         (every key) reads back as it was written."""
         if not isinstance(data, dict):
-            raise ValueError(f"an SSL config must be a JSON object, got {type(data).__name__}")
+            raise InputError(f"an SSL config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         name = data.pop("preset", "base")
         if name not in PRESETS:
-            raise ValueError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
         model = data.pop("model", {})
         if not isinstance(model, dict):
-            raise ValueError("SSL config key 'model' must be an object of BEATsConfig keys")
+            raise InputError("SSL config key 'model' must be an object of BEATsConfig keys")
         base = PRESETS[name]
         data = {**{k: v for k, v in base.items() if k != "model"}, **data}
         names = {f.name for f in dataclasses.fields(cls)} - {"model"}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown SSL config keys {unknown}; known: {sorted(names)}")
+            raise InputError(f"unknown SSL config keys {unknown}; known: {sorted(names)}")
         return cls(model=BEATsConfig.from_dict({**base["model"], **model}), **data)
 
     @classmethod
@@ -137,7 +137,7 @@ class SSLConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read SSL config {path}: {e}") from None
+            raise InputError(f"cannot read SSL config {path}: {e}") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,11 +232,11 @@ class BEATsForPretraining(nn.Module):
         check_fbank(features, frames)
         x = self.backbone.embed_patches(features)  # (B, S, C): every patch
         if masked.shape != x.shape[:2]:
-            raise ValueError(f"masked has shape {tuple(masked.shape)}, the filterbank gives "
+            raise InputError(f"masked has shape {tuple(masked.shape)}, the filterbank gives "
                              f"{tuple(x.shape[:2])} patches")
         index, kept_padding, padding = kept_patches(masked, frames)
         if index.shape[1] == 0 or bool((index[:, 0] == masked.shape[1]).any()):
-            raise ValueError("every clip needs at least one kept patch (clips of at least "
+            raise InputError("every clip needs at least one kept patch (clips of at least "
                              "0.175 s, mask ratio below 1)")
         length = x.shape[1]
         gathered = x.gather(1, index.clamp(max=length - 1).unsqueeze(-1).expand(
@@ -295,11 +295,11 @@ class BEATsForPretraining(nn.Module):
             metrics["label_counts"] = target.new_zeros(num_labels, dtype=torch.long)
             return SSLOutput(logits, zero, target.sum(), metrics)
         if labels.shape != masked.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
+            raise InputError(f"labels have shape {tuple(labels.shape)}, expected "
                              f"{tuple(masked.shape)} (one per patch)")
         wanted = labels[valid]
         if bool(((wanted < 0) | (wanted >= num_labels)).any()):
-            raise ValueError(f"labels at valid patches must lie in [0, {num_labels}) "
+            raise InputError(f"labels at valid patches must lie in [0, {num_labels}) "
                              "(the label source does not match num_labels, or its padding "
                              "does not match the audio)")
         loss_sum = F.cross_entropy(

@@ -42,6 +42,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..audio import AUDIO_EXTENSIONS, SAMPLE_RATE
+from ..errors import InputError
 from ..files import printable
 from ..inputs import MIN_SAMPLES
 from ..options import option
@@ -129,11 +130,11 @@ def find_audio(inputs: Sequence[str | os.PathLike], what: str = "AUDIO") -> Audi
         elif path.exists():
             found.append(str(path))
         else:
-            raise ValueError(f"{what}: {printable(str(path))} does not exist: give audio "
+            raise InputError(f"{what}: {printable(str(path))} does not exist: give audio "
                              "files, folders holding them, or .txt/.lst lists of paths")
     if not found:
         named = ", ".join(printable(os.fsdecode(p)) for p in list(inputs)[:3]) or "nothing"
-        raise ValueError(f"{what}: no audio files found in {named} (looked for files ending "
+        raise InputError(f"{what}: no audio files found in {named} (looked for files ending "
                          f"in {' '.join(AUDIO_EXTENSIONS)}, in any case); give audio files, "
                          "folders holding them, or .txt/.lst lists of paths")
     return AudioFiles(found)
