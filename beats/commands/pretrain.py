@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from .arguments import output_folder, warnings_as_lines
@@ -60,7 +61,7 @@ def build(p: argparse.ArgumentParser) -> list[Option]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.pretrain import PretrainConfig, preset_defaults, pretrain
+    from ..train.pretrain import pretrain
 
     record = read_config_file(args.config_file)
     args.audio = args.audio or record_audio(record)
@@ -68,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
     args.output = args.output or record.get("output")
     if not args.audio or not args.output:
         raise InputError("give AUDIO and -o OUT (or --config-file OUT/config.json)")
-    # the preset's training settings (--config tiny: fewer steps, smaller batches, float32)
-    # come before the file's and the options given
-    model = getattr(args, "config", None) or record.get("config", {}).get("config") or "base"
-    cfg = config_from_layers(PretrainConfig, args, record, base=preset_defaults(model))
+    cfg = pretrain_config(args, record)
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
     try:
         with warnings_as_lines("pretrain"):
@@ -93,3 +91,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"model saved to {out / 'model'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
     return code
+
+
+def pretrain_config(args: argparse.Namespace, record: dict[str, Any]) -> Any:
+    """The run's `PretrainConfig`: its defaults < the preset's training settings (``--config
+    tiny``: fewer steps, smaller batches, float32) < the config file's < the options given."""
+    from ..train.pretrain import PretrainConfig, preset_defaults
+
+    model = getattr(args, "config", None) or record.get("config", {}).get("config") or "base"
+    return config_from_layers(PretrainConfig, args, record, base=preset_defaults(model))
