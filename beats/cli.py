@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_DIVERGED
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
-        message = setup_error(e, resumable=hasattr(args, "resume"))
+        message = setup_error(e, resumable=_has_option(parser, args.command, "--resume"))
         if message is None:
             return _bug(args, e)
         print(f"beats {args.command}: error: {printable(message)}", file=sys.stderr)
@@ -169,6 +169,12 @@ def _bug(args: argparse.Namespace, error: Exception) -> int:
     print(f"beats {args.command}: internal error: {printable(what)}: this is a bug in beats; "
           f"{where}; please report it", file=sys.stderr)
     return EXIT_BUG
+
+
+def _has_option(parser: argparse.ArgumentParser, command: str, flag: str) -> bool:
+    """Whether ``beats COMMAND`` takes the option ``flag``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return flag in sub.choices[command]._option_string_actions
 
 
 def _output(args: argparse.Namespace) -> str | None:
