@@ -226,8 +226,7 @@ def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
     an error instead of hanging at the next collective (rank 0 raises it as it was, the
     others a `RunError`, or a ``RuntimeError`` for a bug). Returns the earlier
     `FitResult` of a resumed run that had finished (then nothing is written)."""
-    error: Exception | None = None
-    finished = None
+    error, finished = None, None
     if d.main:
         try:
             stack.enter_context(folder_lock(out_dir, f"beats {task.name}"))
@@ -249,10 +248,8 @@ def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
     said, finished = distributed.broadcast_object((said, finished), d)
     if error is not None:
         raise error
-    if said is not None:
-        if said[0]:
-            raise RunError(said[1])
-        raise RuntimeError(f"the main process failed with a bug: {said[1]}")
+    if said is not None:  # another rank: (expected, message) of rank 0's error
+        raise RunError(said[1]) if said[0] else RuntimeError(f"rank 0 met a bug: {said[1]}")
     if finished is not None:
         finished["failed"] = [tuple(x) for x in finished.get("failed", [])]
         return FitResult(**finished, finished_before=True)
