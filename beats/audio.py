@@ -62,7 +62,7 @@ class AudioInfo:
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Resample (N,) or (N, C) float samples from ``orig_sr`` to ``target_sr`` Hz (soxr HQ)."""
     if orig_sr <= 0 or target_sr <= 0:
-        raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+        raise InputError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
     wav = np.asarray(wav, dtype=np.float32)
     if orig_sr == target_sr:
         return wav
@@ -78,7 +78,7 @@ def to_mono(wav: np.ndarray, channel: int | None = None) -> np.ndarray:
     if channel is None:
         return wav.mean(axis=1, dtype=np.float32) if channels > 1 else wav[:, 0]
     if not -channels <= channel < channels:
-        raise ValueError(f"channel {channel} does not exist: the audio has {channels} channel(s)")
+        raise InputError(f"channel {channel} does not exist: the audio has {channels} channel(s)")
     return wav[:, channel]
 
 
@@ -115,7 +115,7 @@ def load_audio(
     """
     path = _check_path(path)
     if offset < 0 or (duration is not None and duration <= 0):
-        raise ValueError(f"offset must be >= 0 and duration > 0 seconds, got {offset}, "
+        raise InputError(f"offset must be >= 0 and duration > 0 seconds, got {offset}, "
                          f"{duration}")
     try:
         with _open(path) as f:
@@ -219,7 +219,7 @@ def _check_header(
             "damaged or mislabelled"
         )
     if channel is not None and not -info.channels <= channel < info.channels:
-        raise ValueError(f"channel {channel} does not exist: the audio has {info.channels} "
+        raise InputError(f"channel {channel} does not exist: the audio has {info.channels} "
                          "channel(s)")
     if max_duration is not None:
         part = max(info.duration - offset, 0.0)

@@ -34,6 +34,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from . import mirrors, sources
+from .errors import BeatsError, InputError
 from .files import temporary_folder
 from .registry import RegistryEntry
 from .serialization import CONFIG_NAME, WEIGHTS_NAME
@@ -166,10 +167,13 @@ def _obtain_and_install(
         install(entry, cache_dir, lambda out: convert(got.path, out), record)
     except (MemoryError, OSError):
         raise  # a full disk, say: the verified file is kept for the next try
-    except Exception as e:
+    except BeatsError as e:  # the file is not what its registry entry says
         _discard(got)
-        raise ValueError(f"the file of {entry.name} from {got.origin} matches the pinned "
+        raise InputError(f"the file of {entry.name} from {got.origin} matches the pinned "
                          f"sha256 but cannot be used, and was deleted: {e}") from e
+    except Exception:  # a bug in beats: the file may be fine; start afresh next time
+        _discard(got)
+        raise
     if got.temporary:
         got.path.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .config import BEATsConfig
+from .errors import InputError, NotFoundError
 from .files import atomic_path
 
 # Newer PyTorch writes weight norm as a parametrization; Microsoft's files use _g/_v.
@@ -30,10 +31,10 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise NotFoundError(f"no checkpoint file at {path}")
     not_torch = _not_a_torch_file(path)
     if not_torch is not None:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a PyTorch checkpoint: it holds {not_torch}, not what torch.save "
             "writes (a zip archive or a pickle). Give a BEATs .pt, a model folder or a "
             "registered name (`beats models` lists them)"
@@ -43,9 +44,9 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         refused = _refused_global(e)
         if refused is None:
-            raise ValueError(f"{path} is corrupt or not a checkpoint: its pickle cannot be "
+            raise InputError(f"{path} is corrupt or not a checkpoint: its pickle cannot be "
                              f"read ({_unpickler_reason(e)})") from None
-        raise ValueError(
+        raise InputError(
             f"{path} is not a plain-tensor checkpoint: loading it would run code named in the "
             f"file (it calls {refused}), which beats never does: checkpoints of tensors, dicts "
             "and numbers load. If you trust where this file comes from, re-save its 'cfg' and "
@@ -55,7 +56,7 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     except MemoryError:
         raise
     except Exception as e:  # the unpickler meets arbitrary bytes: any failure is a bad file
-        raise ValueError(f"{path} is truncated or corrupt and cannot be read: "
+        raise InputError(f"{path} is truncated or corrupt and cannot be read: "
                          f"{type(e).__name__}: {_first_line(e)}") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         if ckpt.get("cfg") is None:  # a state dict under "model", no architecture
@@ -66,7 +67,7 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     ):  # a bare state dict, as ESPnet saves its models (.pth): the config comes separately
         return {"cfg": None, "model": ckpt}
     keys = key_examples(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ValueError(
+    raise InputError(
         f"{path} is not a BEATs checkpoint: expected a dict with 'cfg' and 'model' (Microsoft, "
         f"OpenBEATs) or a state dict of tensors (ESPnet .pth), got {keys}"
     )
@@ -145,7 +146,7 @@ def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             continue
         first = out.get(prefix + "0" + suffix)
         if first is None or not torch.equal(first, out[key]):
-            raise ValueError(
+            raise InputError(
                 f"{key} differs from layer 0's table: BEATs shares one relative position "
                 "table across layers, so this checkpoint is not a BEATs encoder"
             )
@@ -197,7 +198,7 @@ def prepare_state_dict(
             problem = "zero, negative or NaN values"
         else:
             continue
-        raise ValueError(
+        raise InputError(
             f"{source}: {key} is ESPnet's padding-mask convolution, which ESPnet keeps at all "
             f"ones {shape}; this file holds {problem}, so its padding mask would differ from "
             "the exact one beats computes"
@@ -298,7 +299,7 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
             parts.append(f"{len(found)} {what}{plural if len(found) > 1 else ''} "
                          f"({key_examples(found, 3 if found is not shapes else 1)})")
     cause = _likely_cause(expected, state_dict, missing, unexpected)
-    raise ValueError(f"{source} does not match the model built from its config: "
+    raise InputError(f"{source} does not match the model built from its config: "
                      f"{'; '.join(parts)}. Likely cause: {cause}")
 
 

@@ -2,13 +2,24 @@
 
 Each subcommand lives in ``beats/commands/<name>.py`` with ``add_parser(subparsers)`` and
 ``run(args) -> int``; this module dispatches, so subcommands import their heavy
-dependencies when they run.
+dependencies when they run. Exit codes are one contract for every command, written once
+in `EXIT_CODES`; ``beats --help``, each command's ``--help`` (`exit_code_help`) and the
+documentation are made from it.
 
-Exit codes are one contract for every command, written once in `EXIT_CODES`; ``beats
---help``, each command's ``--help`` (`exit_code_help`) and the documentation are made from
-it. Setup errors are the package's known error types (`setup_error` lists them): they
-print one line, ``beats COMMAND: error: WHAT (WHAT TO DO)``, never a traceback. Anything
-else is a bug: its traceback is printed, to be reported.
+Errors (`beats.failures` implements this policy):
+
+- A mistake the user can fix, the data or the machine (a `beats.errors.BeatsError`: bad
+  arguments, input or setup; an ``OSError`` the system raised with an errno, such as a
+  missing file, a full or read-only disk or a permission; running out of memory): one
+  line, ``beats COMMAND: error: WHAT (WHAT TO DO)``, and exit code 2.
+- Any other exception is a bug in beats: one line saying so and naming the file that
+  holds its traceback (``OUT/errors.log`` when the command has an output folder that
+  exists, else a new file in the temporary folder's ``beats-errors/``), and exit code 3.
+- ``BEATS_DEBUG=1`` also prints the traceback, for either kind.
+- One input's failure never stops a run: it is recorded with its reason, which starts
+  with the exception's type (``AudioError: a.wav: ...``), and the run ends with exit
+  code 1. An input that failed with an unexpected type also gets its traceback in
+  ``OUT/errors.log``, and the command's summary says so.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands.arguments import HelpFormatter
+from .failures import one_line
 from .files import printable
 
 # Subcommand modules under beats/commands/, in the order `beats --help` lists them.
@@ -42,7 +54,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "all done",
     EXIT_FAILED_INPUTS: "the job completed, but some inputs could not be used and were skipped",
     EXIT_SETUP: "bad arguments, input or setup: one line says what was wrong and what to do",
-    EXIT_BUG: "a bug in beats: the traceback is printed; please report it",
+    EXIT_BUG: "a bug in beats: one line names the file holding the traceback; please "
+              "report it",
     EXIT_DIVERGED: "a training run diverged (its loss or gradient norm stopped being "
                    "finite); the last good training state is kept",
     INTERRUPTED: "interrupted (Ctrl-C); what was finished is kept",
@@ -79,7 +92,7 @@ def exit_code_help(command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-# Set BEATS_DEBUG=1 to see the traceback behind a one-line setup error too.
+# Set BEATS_DEBUG=1 to see the traceback behind a one-line error too.
 DEBUG_ENV = "BEATS_DEBUG"
 
 
@@ -126,14 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _diverged(e):
             print(f"beats {args.command}: error: {printable(str(e))}", file=sys.stderr)
             return EXIT_DIVERGED
-        message = setup_error(e, resumable=hasattr(args, "resume"))
-        if message is None:
-            traceback.print_exc()
-            print(f"beats {args.command}: internal error: this is a bug in beats; please "
-                  "report it with the traceback above", file=sys.stderr)
-            return EXIT_BUG
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        message = setup_error(e, resumable=_has_option(parser, args.command, "--resume"))
+        if message is None:
+            return _bug(args, e)
         print(f"beats {args.command}: error: {printable(message)}", file=sys.stderr)
         return EXIT_SETUP
 
@@ -144,28 +154,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _bug(args: argparse.Namespace, error: Exception) -> int:
+    """Exit code 3: the traceback written to a file (`beats.failures.bug_report`), one line
+    naming it."""
+    from .failures import bug_report, describe
+
+    what = describe(error)
+    what = what if len(what) <= 200 else what[:199] + "…"
+    try:
+        where = f"the traceback is in {bug_report(args.command, error, _output(args))}"
+    except OSError as e:  # nowhere to write it: print it instead
+        traceback.print_exc()
+        where = f"the traceback is above (it could not be written: {e})"
+    print(f"beats {args.command}: internal error: {printable(what)}: this is a bug in beats; "
+          f"{where}; please report it", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _has_option(parser: argparse.ArgumentParser, command: str, flag: str) -> bool:
+    """Whether ``beats COMMAND`` takes the option ``flag``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return flag in sub.choices[command]._option_string_actions
+
+
+def _output(args: argparse.Namespace) -> str | None:
+    """The command's output folder, if it has one."""
+    output = getattr(args, "output", None)
+    return output if isinstance(output, (str, os.PathLike)) else None
+
+
 def setup_error(error: BaseException, resumable: bool = False) -> str | None:
-    """The one-line message for a setup error, or None for an unexpected error (a bug).
+    """The one-line message of an expected error, or None for a bug (see the module
+    docstring): a `BeatsError`, an ``OSError`` the system raised (it has an errno), or
+    running out of memory. ``resumable``: the command can continue an interrupted run
+    with ``--resume`` (said after disk errors)."""
+    from .errors import BeatsError
+    from .failures import out_of_memory
 
-    Setup errors: ``ValueError`` (bad input or configuration, the package's convention),
-    ``OSError`` (files, disks, permissions, downloads, connections, the Hub),
-    `beats.files.FolderBusyError`, and running out of memory. ``resumable``: the command
-    can continue an interrupted run with ``--resume`` (said after disk errors).
-    """
-    import torch
-
-    from .files import FolderBusyError
-
-    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+    if out_of_memory(error):
         return ("out of memory: lower --batch-size (or --window for long files), or use a "
                 "smaller model or --dtype bfloat16")
-    if isinstance(error, OSError):
+    if isinstance(error, BeatsError):
+        return one_line(str(error)) or type(error).__name__
+    if isinstance(error, OSError) and error.errno is not None:
         text = _os_error(error)
         if resumable and error.errno in _NO_SPACE:
             text += "; then `--resume` continues the run"
         return text
-    if isinstance(error, (ValueError, FolderBusyError)):
-        return one_line(str(error)) or type(error).__name__
     return None
 
 
@@ -173,8 +208,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _os_error(error: OSError) -> str:
-    """An OSError as one line: the package's own message, or the system's with advice."""
-    if error.errno is None or error.strerror is None:  # raised by beats with a message
+    """A system's OSError as one line, with advice."""
+    if error.strerror is None:
         return one_line(str(error)) or type(error).__name__
     where = error.filename if error.filename is not None else "a file"
     if error.errno in _NO_SPACE:
@@ -186,8 +221,3 @@ def _os_error(error: OSError) -> str:
         return (f"cannot access {where}: permission denied: choose a path you may use, or "
                 "change its permissions")
     return f"{where}: {error.strerror}"
-
-
-def one_line(text: str) -> str:
-    """``text`` with its lines joined: an error is one line on the terminal."""
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())

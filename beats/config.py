@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 PREDICTOR_ACTIVATIONS = ("sigmoid", "softmax")
 ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear", "glu")
 _INT_KEYS = (
@@ -164,21 +166,21 @@ class BEATsConfig:
         for key in _INT_KEYS:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"BEATsConfig.{key} must be an int, got {value!r}")
+                raise InputError(f"BEATsConfig.{key} must be an int, got {value!r}")
         for key in _FLOAT_KEYS:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"BEATsConfig.{key} must be a float, got {value!r}")
+                raise InputError(f"BEATsConfig.{key} must be a float, got {value!r}")
             setattr(self, key, float(value))
         for key in _BOOL_KEYS:
             value = getattr(self, key)
             if not isinstance(value, (bool, int)) or value not in (0, 1):
-                raise ValueError(f"BEATsConfig.{key} must be a bool, got {value!r}")
+                raise InputError(f"BEATsConfig.{key} must be a bool, got {value!r}")
             setattr(self, key, bool(value))  # old configs store flags as 0/1
 
         def need(cond: bool, key: str, what: str) -> None:
             if not cond:
-                raise ValueError(f"BEATsConfig.{key}={getattr(self, key)!r}: {what}")
+                raise InputError(f"BEATsConfig.{key}={getattr(self, key)!r}: {what}")
 
         need(self.input_patch_size == 16, "input_patch_size",
              "only 16 is supported (the filterbank has 128 mel bins = 8 patches of 16)")
@@ -325,7 +327,7 @@ def check_memory(
                      f"encoder_embed_dim={cfg.encoder_embed_dim}",
         "quantizer": f"quant_n={cfg.quant_n}, quant_dim={cfg.quant_dim}",
     }[part]
-    raise ValueError(
+    raise InputError(
         f"BEATsConfig describes a model of {_count(total)} parameters, {_size(need)} at "
         f"{bytes_per_element} bytes each, and only {_size(available)} of memory is available; "
         f"most of it comes from {keys}. Check these values"

@@ -41,7 +41,7 @@ import soxr
 import torch
 
 from .audio import to_mono
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .events import (
     STEP_SECONDS,
     Event,
@@ -58,6 +58,7 @@ from .files import InputFile, discover_inputs
 from .inputs import MIN_SAMPLES, ArrayLike, pad_to_minimum
 from .labels import audioset_names
 from .model import BEATs
+from .options import option
 from .outputs import EVENT_FORMATS, EventWriter, events_completed, scores_path
 from .windows import (
     STEP_SAMPLES,
@@ -75,32 +76,30 @@ Threshold = float | Sequence[float] | Mapping[str, float] | str | os.PathLike
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """How frame scores become events.
+    """How frame scores become events (``beats detect``'s options)."""
 
-    Attributes:
-        threshold: a step is active when its probability is at or above the threshold:
-            one number, one per class (of the model, or of ``classes``), ``{class name:
-            value}`` (``"*"``: the others'), or a file of ``NAME VALUE`` lines
-            (`beats.events.class_thresholds`).
-        median_filter: seconds of the median filter over each class's probabilities
-            (0: none).
-        min_duration: seconds; shorter events are dropped.
-        min_gap: seconds; events of one class closer than this are merged.
-        classes: class names to detect (display names such as ``Speech``, or the
-            checkpoint's own labels such as AudioSet MIDs); None: all. An entry may list
-            several names separated by ``;``.
-        window, hop: seconds. Audio longer than ``window`` is scored in windows of that
-            length every ``hop`` (default 80 % of the window), as ``beats extract`` does;
-            ``window=None`` scores a clip whole (no streaming then).
-    """
-
-    threshold: Threshold = 0.5
-    median_filter: float = 0.0
-    min_duration: float = 0.0
-    min_gap: float = 0.0
-    classes: Sequence[str] | None = None
-    window: float | None = 10.0
-    hop: float | None = None
+    threshold: Threshold = option(
+        0.5, help="a step is active when its probability is at or above the threshold: one "
+        "number, one per class (of the model, or of classes), {class name: value} (\"*\": "
+        "the others'), or a file of NAME VALUE lines (`beats.events.class_thresholds`)",
+        flags=("--threshold",), cli=False)
+    median_filter: float = option(
+        0.0, help="seconds of the median filter over each class's probabilities (rounded "
+        "to an odd number of 0.16 s steps; 0: none)", ge=0, metavar="SECONDS")
+    min_duration: float = option(0.0, help="seconds: shorter events are dropped", ge=0,
+                                 metavar="SECONDS")
+    min_gap: float = option(0.0, help="seconds: events of one class closer than this are "
+                            "merged", ge=0, metavar="SECONDS")
+    classes: Sequence[str] | None = option(
+        None, help="class names to detect (display names such as Speech, or the "
+        "checkpoint's own labels such as AudioSet MIDs); an entry may list several names "
+        "separated by ;", unset="all", flags=("--classes",), cli=False)
+    window: float | None = option(
+        10.0, help="seconds: longer audio is scored in windows of this length every hop "
+        "seconds, as beats extract does", unset="a clip is scored whole (no streaming "
+        "then; 0 on the command line)", flags=("--window",), cli=False)
+    hop: float | None = option(None, help="seconds between window starts", gt=0,
+                               unset="80% of the window", metavar="SECONDS")
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -484,11 +483,11 @@ def detect_files(
     def compute(model: BEATs, loaded: list[Any], options: ExtractOptions) -> Iterator[Any]:
         for item in loaded:
             probs = detector.frame_scores(pad_to_minimum(item.wav)).probs
-            if not np.isfinite(probs).all():
-                yield item, ("the model's frame scores hold NaN or Inf although the audio is "
-                             "finite: the checkpoint may hold NaN or Inf weights, or a "
-                             "half-precision dtype overflowed (try --dtype float32)")
-                continue
+            if not np.isfinite(probs).all():  # the engine records it for this file alone
+                raise NonFiniteError("the model's frame scores hold NaN or Inf although the "
+                                     "audio is finite: the checkpoint may hold NaN or Inf "
+                                     "weights, or a half-precision dtype overflowed (try "
+                                     "--dtype float32)")
             yield item, (probs, None, len(item.wav) < MIN_SAMPLES)
 
     job = Job(

@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, audio_info, load_audio
+from .audio import AUDIO_EXTENSIONS
+from .errors import InputError, NonFiniteError
+from .failures import ErrorLog, Failure, unexpected_notice
 from .files import (
     InputFile,
     discover_inputs,
@@ -54,17 +56,13 @@ from .outputs import (
     split_done,
 )
 from .pooling import PoolingSpec, pool, step_centres
+from .reading import BatchReader, Loaded, as_is, by_duration, stop_workers
 from .windows import SAMPLE_RATE, iter_windowed
 from .workers import worker_init
 
 log = logging.getLogger("beats.extract")
 
 FORMATS = ("npy", "safetensors")
-# Float samples belong in [-1, 1]. Up to WARN_PEAK is headroom; beyond it the record
-# carries a warning; beyond MAX_PEAK (40 dB over full scale, e.g. int16 values stored as
-# floats) the file fails: no recording holds such samples, and the features would be junk.
-WARN_PEAK = 2.0
-MAX_PEAK = 100.0
 
 
 @dataclass
@@ -107,17 +105,17 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         if self.output_format not in FORMATS:
-            raise ValueError(f"output format {self.output_format!r}: choose one of {FORMATS}")
+            raise InputError(f"output format {self.output_format!r}: choose one of {FORMATS}")
         if self.batch_size < 1 or self.shard_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size and shard_size must be >= 1, num_workers >= 0")
+            raise InputError("batch_size and shard_size must be >= 1, num_workers >= 0")
         if self.window is not None and self.window * 16000 < MIN_SAMPLES:
-            raise ValueError(f"window {self.window} s is shorter than the model's 0.175 s")
+            raise InputError(f"window {self.window} s is shorter than the model's 0.175 s")
         if self.hop is not None and (self.window is None or not 0 < self.hop <= self.window):
-            raise ValueError("hop needs a window and must lie in (0, window]")
+            raise InputError("hop needs a window and must lie in (0, window]")
         if self.window is not None and self.hop is None:
             self.hop = round(0.8 * self.window, 3)
         if self.max_duration is not None and not self.max_duration > 0:
-            raise ValueError(f"max_duration must be > 0 seconds (or None), got "
+            raise InputError(f"max_duration must be > 0 seconds (or None), got "
                              f"{self.max_duration}")
 
     def fingerprint(self, model_name: str) -> dict[str, Any]:
@@ -149,10 +147,16 @@ class Summary:
     audio_seconds: float = 0.0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    unexpected: int = 0  # failures of an unexpected type: their tracebacks are in errors_log
+    errors_log: str | None = None
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+    def notice(self, command: str) -> str | None:
+        """The line that says unexpected errors happened, and where their tracebacks are."""
+        return unexpected_notice(command, self.unexpected, self.errors_log)
 
     def __str__(self) -> str:
         speed = self.audio_seconds / self.seconds if self.seconds else 0.0
@@ -178,108 +182,15 @@ class Job:
     completed: Callable[[Path, dict[str, Record]], dict[str, Record]]
 
 
-# --------------------------------------------------------------------------- loading
-@dataclass
-class _Loaded:
-    item: InputFile
-    wav: np.ndarray | None
-    info: AudioInfo | None
-    error: str | None
-    warning: str | None = None
-
-
-def _named(path: Path, message: str) -> str:
-    """A failure message that names its file (printable, whatever the name's bytes)."""
-    message = printable(message)
-    name = printable(str(path))
-    return message if message.startswith(name) else f"{name}: {message}"
-
-
-def _check_samples(wav: np.ndarray) -> tuple[str | None, str | None]:
-    """(error, warning) about the values of decoded samples."""
-    finite = np.isfinite(wav)
-    if not finite.all():
-        first = int(np.argmin(finite)) / SAMPLE_RATE
-        return f"holds NaN or Inf samples (the first at {first:.3f} s)", None
-    peak = float(np.abs(wav).max()) if wav.size else 0.0
-    if peak > MAX_PEAK:
-        return (f"samples peak at {peak:.3g}, far outside [-1, 1] (the limit is {MAX_PEAK:g}): "
-                "floats holding integer-scaled values? rescale the file"), None
-    if peak > WARN_PEAK:
-        return None, f"samples peak at {peak:.3g}, outside [-1, 1]"
-    return None, None
-
-
-def _load(item: InputFile, max_duration: float | None) -> _Loaded:
-    """One input read and checked; every problem becomes its error (never an exception)."""
-    try:
-        wav, info = load_audio(item.path, max_duration=max_duration)
-        error, warning = _check_samples(wav)
-    except Exception as e:  # one file never stops a run, whatever went wrong with it
-        text = str(e) if isinstance(e, AudioError) else f"{type(e).__name__}: {e}".rstrip(": ")
-        return _Loaded(item, None, None, _named(item.path, text))
-    if error is not None:
-        return _Loaded(item, None, info, _named(item.path, error))
-    warnings = [w for w in (info.warning, warning) if w]
-    return _Loaded(item, wav, info, None, "; ".join(warnings) or None)
-
-
-class _BatchReader(Dataset):
-    """Dataset whose items are whole batches of files, read in worker processes.
-
-    ``stop`` (set by the main process on Ctrl-C) makes a worker skip the rest of its batch.
-    """
-
-    def __init__(self, batches: list[list[InputFile]], max_duration: float | None,
-                 stop: Any) -> None:
-        self.batches = batches
-        self.max_duration = max_duration
-        self.stop = stop
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> list[_Loaded]:
-        out = []
-        for item in self.batches[index]:
-            if self.stop.is_set():
-                break
-            out.append(_load(item, self.max_duration))
-        return out
-
-
-def _as_is(batch: list[_Loaded]) -> list[_Loaded]:
-    return batch
-
-
-def _by_duration(items: list[InputFile], batch_size: int) -> list[list[InputFile]]:
-    """Batches of similar duration (header reads only), longest first."""
-    def duration(item: InputFile) -> float:
-        try:
-            return audio_info(item.path).duration
-        except (AudioError, OSError, ValueError):
-            return 0.0  # unreadable: fails when loaded, in a batch of its own kind
-
-    ordered = sorted(items, key=lambda it: (-duration(it), it.key))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def _stop_workers(iterator: Any) -> None:
-    """After Ctrl-C: workers skip what is left of their batch (``stop``) and the loader's
-    own shutdown ends them (they ignore SIGINT, `beats.workers.worker_init`)."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    for worker in getattr(iterator, "_workers", []):
-        if worker.is_alive():
-            worker.kill()
-
-
 # --------------------------------------------------------------------------- embedding
 _NOT_FINITE = ("the model's output holds NaN or Inf although the audio is finite: the "
                "checkpoint may hold NaN or Inf weights, or a half-precision dtype overflowed "
                "(try --dtype float32)")
-_Result = tuple[np.ndarray, np.ndarray | None, bool] | str  # (output, times, padded) or error
+_Result = tuple[np.ndarray, np.ndarray | None, bool] | Failure  # (output, times, padded)
+
+
+def _not_finite(item: Loaded) -> Failure:
+    return Failure.of(NonFiniteError(_NOT_FINITE), item.item.path)
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -287,8 +198,8 @@ def _finite(x: torch.Tensor) -> bool:
 
 
 def _embed_batch(
-    model: BEATs, loaded: list[_Loaded], options: ExtractOptions
-) -> Iterator[tuple[_Loaded, _Result]]:
+    model: BEATs, loaded: list[Loaded], options: ExtractOptions
+) -> Iterator[tuple[Loaded, _Result]]:
     """Yield (loaded, (output, centre times or None, padded?) or error) for a batch.
 
     Files longer than the window go one at a time through `_embed_long`; the rest run as
@@ -299,7 +210,8 @@ def _embed_batch(
     for item in loaded:
         if limit is not None and len(item.wav) > limit:
             array = _embed_long(model, item.wav, options)
-            yield item, _NOT_FINITE if array is None else (array, _times(array, options), False)
+            yield item, (_not_finite(item) if array is None
+                         else (array, _times(array, options), False))
         else:
             batch.append(item)
     if not batch:
@@ -327,7 +239,7 @@ def _embed_batch(
                       for a in pool(out, options.pooling, model.cfg.encoder_layers)]
     for item, result, short in zip(batch, arrays, padded, strict=True):
         if result is None:
-            yield item, _NOT_FINITE
+            yield item, _not_finite(item)
             continue
         array = result.cpu().numpy()
         yield item, (array, _times(array, options), short)
@@ -378,12 +290,12 @@ def _embed_long(model: BEATs, wav: np.ndarray, options: ExtractOptions) -> np.nd
 
 
 def _embed_isolating_failures(
-    model: BEATs, loaded: list[_Loaded], options: ExtractOptions,
+    model: BEATs, loaded: list[Loaded], options: ExtractOptions,
     compute: Callable[..., Iterator[tuple[Any, Any]]] = _embed_batch,
-) -> Iterator[tuple[_Loaded, _Result]]:
+) -> Iterator[tuple[Loaded, _Result]]:
     """Embed a batch (or ``compute`` it); if it fails (say, out of memory), retry each clip
     alone so that one bad input fails by itself. Yields (loaded, (output, times, padded)
-    or error text)."""
+    or its `Failure`)."""
     if not loaded:
         return
     try:
@@ -392,7 +304,7 @@ def _embed_isolating_failures(
             results = list(compute(model, loaded, options))
     except Exception as e:  # one file never stops a run
         if len(loaded) == 1:
-            yield loaded[0], f"{type(e).__name__}: {e}"
+            yield loaded[0], Failure.of(e, loaded[0].item.path)
             return
         for x in loaded:
             yield from _embed_isolating_failures(model, [x], options, compute)
@@ -408,10 +320,10 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _no_audio(inputs: Sequence[Any]) -> ValueError:
+def _no_audio(inputs: Sequence[Any]) -> InputError:
     named = ", ".join(printable(os.fsdecode(p)) for p in list(inputs)[:3])
     more = f" and {len(inputs) - 3} more" if len(inputs) > 3 else ""
-    return ValueError(
+    return InputError(
         f"no audio files found in {named or 'the inputs'}{more} (looked for files ending in "
         f"{' '.join(AUDIO_EXTENSIONS)}, in any case); give audio files, folders holding "
         "them, or .txt/.lst lists of paths"
@@ -465,14 +377,15 @@ def extract(
     `Summary`.
 
     ``inputs`` are files, folders or list files (see `beats.files.discover_inputs`).
-    Failures are recorded in the manifest and never stop the run. Raises ``ValueError``
-    when the inputs hold no audio file or a resume cannot continue, ``FileExistsError``
-    for a folder holding another run, `beats.files.FolderBusyError` while another run
-    writes into it, and ``KeyboardInterrupt`` after Ctrl-C (everything finished is kept).
+    Failures are recorded in the manifest and never stop the run. Raises `InputError`
+    when the inputs hold no audio file or a resume cannot continue, `RunExistsError`
+    (a ``FileExistsError``) for a folder holding another run,
+    `beats.files.FolderBusyError` while another run writes into it, and
+    ``KeyboardInterrupt`` after Ctrl-C (everything finished is kept).
     """
     options = options or ExtractOptions()
     if options.tokens and not hasattr(model, "tokens_from_features"):
-        raise ValueError("token output needs a tokenizer model (BEATsTokenizer)")
+        raise InputError("token output needs a tokenizer model (BEATsTokenizer)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
@@ -500,8 +413,10 @@ def _run(
     model: BEATs, todo: list[InputFile], output_dir: Path, options: ExtractOptions,
     rank: int, world: int, run_id: str, progress: bool, job: Job | None = None,
 ) -> Summary:
-    """Embed and write ``todo``, recording every outcome in this rank's manifest."""
+    """Embed and write ``todo``, recording every outcome in this rank's manifest (and the
+    tracebacks of unexpected failures in ``errors.log``)."""
     start = time.perf_counter()
+    errors = ErrorLog(output_dir)
     part = output_dir / (MANIFEST if world == 1 else f"manifest.rank{rank:03d}.jsonl")
     with ManifestWriter(part) as manifest:
         summary = Summary()  # ``skipped``: outputs adopted here; the caller adds the rest
@@ -517,55 +432,56 @@ def _run(
         compute = _embed_batch if job is None else job.compute
         stop = multiprocessing.Event()
         loader = DataLoader(
-            _BatchReader(_by_duration(todo, options.batch_size), options.max_duration, stop),
+            BatchReader(by_duration(todo, options.batch_size), options.max_duration, stop),
             batch_size=None, shuffle=False, num_workers=options.num_workers,
             prefetch_factor=options.prefetch if options.num_workers > 0 else None,
-            collate_fn=_as_is, worker_init_fn=worker_init if options.num_workers else None,
+            collate_fn=as_is, worker_init_fn=worker_init if options.num_workers else None,
         )
         bar = _progress(len(todo), progress and rank == 0)
         batches = iter(loader)
         try:
             for loaded in batches:
-                _consume(model, loaded, options, writer, manifest, summary, compute)
+                _consume(model, loaded, options, writer, manifest, summary, errors, compute)
                 bar.update(len(loaded))
                 speed = summary.audio_seconds / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{speed:.1f} audio s/s")
         except KeyboardInterrupt:
             stop.set()
-            _stop_workers(batches)
+            stop_workers(batches)
             raise
         finally:
             bar.close()
             writer.close()  # the last shard, also after Ctrl-C: nothing finished is lost
     summary.seconds = time.perf_counter() - start
+    summary.unexpected, summary.errors_log = errors.count, str(errors.path)
     log.info("rank %d: %s", rank, summary)
     return summary
 
 
 def _consume(
-    model: BEATs, loaded: list[_Loaded], options: ExtractOptions, writer: Any,
-    manifest: ManifestWriter, summary: Summary,
+    model: BEATs, loaded: list[Loaded], options: ExtractOptions, writer: Any,
+    manifest: ManifestWriter, summary: Summary, errors: ErrorLog,
     compute: Callable[..., Iterator[tuple[Any, Any]]] = _embed_batch,
 ) -> None:
     """Embed one loaded batch, write its outputs and record every outcome."""
-    def failed(x: _Loaded, error: str) -> None:
-        error = _named(x.item.path, error)
-        log.warning("failed: %s", error)
+    def failed(x: Loaded, failure: Failure) -> None:
+        log.warning("failed: %s", failure.text)
         info = x.info
         manifest.append(Record(
-            abs_input(x.item.path), x.item.key, FAILED, error=error,
+            abs_input(x.item.path), x.item.key, FAILED, error=failure.text,
             duration=None if info is None else info.duration,
             sample_rate=None if info is None else info.sample_rate,
         ))
+        errors.add(abs_input(x.item.path), failure)
         summary.failed += 1
-        summary.failures.append((printable(str(x.item.path)), error))
+        summary.failures.append((printable(str(x.item.path)), failure.text))
 
     good = [x for x in loaded if x.error is None]
     for x in loaded:
         if x.error is not None:
             failed(x, x.error)
     for x, result in _embed_isolating_failures(model, good, options, compute):
-        if isinstance(result, str):
+        if isinstance(result, Failure):
             failed(x, result)
             continue
         array, times, short = result
@@ -577,10 +493,10 @@ def _consume(
         )
         try:
             writer.write(record, array if options.tokens else array.astype(np.float32), times)
-        except (OSError, ValueError) as e:
+        except Exception as e:
             if isinstance(e, OSError) and e.errno in DISK_ERRORS:
                 raise  # the disk, not this file: stop the run
-            failed(x, f"cannot write its output: {e}")
+            failed(x, Failure.of(e, x.item.path, "cannot write its output"))
             continue
         summary.padded += short
         summary.ok += not short

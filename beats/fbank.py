@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .errors import InputError
 from .modules import is_tracing
 
 SAMPLE_RATE = 16000
@@ -122,7 +123,7 @@ def fbank(
     if wav.dim() == 1:
         wav = wav.unsqueeze(0)
     if wav.dim() != 2:
-        raise ValueError(f"fbank expects (B, N) or (N,) waveforms, got shape {tuple(wav.shape)}")
+        raise InputError(f"fbank expects (B, N) or (N,) waveforms, got shape {tuple(wav.shape)}")
     if _autocast_enabled(wav.device.type):
         # Under a caller's autocast (mixed-precision training frameworks run the whole
         # model in it) the mel product would run in float16, where energies up to ~1e17

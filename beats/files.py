@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from .audio import AUDIO_EXTENSIONS
-from .errors import BeatsError
+from .errors import BeatsError, InputError
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def safe_key(relative: Path) -> str:
     """'a/b/c.wav' -> 'a/b/c.wav' with '..', absolute and empty parts refused."""
     parts = [p for p in relative.parts if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts) or relative.is_absolute():
-        raise ValueError(f"{relative}: input paths must stay below their folder")
+        raise InputError(f"{relative}: input paths must stay below their folder")
     return "/".join(parts)
 
 
@@ -70,7 +70,7 @@ def discover_inputs(
                     continue
                 full = Path(line) if Path(line).is_absolute() else path.parent / line
                 if full.is_dir():
-                    raise ValueError(f"{path}:{number}: {line} is a folder; list files only")
+                    raise InputError(f"{path}:{number}: {line} is a folder; list files only")
                 try:
                     key = safe_key(full.resolve().relative_to(base))
                 except ValueError:  # outside the list's folder: keep the file name
@@ -81,7 +81,7 @@ def discover_inputs(
     seen: dict[str, Path] = {}
     for f in found:
         if f.key in seen and seen[f.key] != f.path:
-            raise ValueError(
+            raise InputError(
                 f"two inputs map to the same output {f.key!r}: {seen[f.key]} and {f.path}; "
                 "pass their common parent folder instead"
             )
@@ -105,7 +105,7 @@ def output_path(output_dir: Path, key: str, suffix: str) -> Path:
     target = root / (key + suffix)
     target = target.parent.resolve() / target.name
     if root not in target.parents:
-        raise ValueError(f"output for {key!r} would leave the output folder {root}")
+        raise InputError(f"output for {key!r} would leave the output folder {root}")
     return target
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
 from .inputs import ArrayLike
 from .model import BEATs
 
@@ -64,9 +65,9 @@ class Head(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r}: choose one of {POOLINGS}")
+            raise InputError(f"pooling {pooling!r}: choose one of {POOLINGS}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise InputError(f"num_classes must be >= 1, got {num_classes}")
         self.pooling = pooling
         self.attention = AttentivePooling(dim) if pooling == "attentive" else None
         self.dropout = nn.Dropout(dropout)
@@ -126,9 +127,9 @@ class BEATsClassifier(nn.Module):
         super().__init__()
         num_layers = backbone.cfg.encoder_layers
         if isinstance(layer, int) and not 0 <= layer <= num_layers:
-            raise ValueError(f"layer {layer} does not exist: use 0..{num_layers}")
+            raise InputError(f"layer {layer} does not exist: use 0..{num_layers}")
         if isinstance(layer, str) and layer not in ("last", "weighted"):
-            raise ValueError(f"layer {layer!r}: use 'last', 'weighted' or a layer number")
+            raise InputError(f"layer {layer!r}: use 'last', 'weighted' or a layer number")
         self.backbone = backbone
         self.layer = layer
         self.multilabel = multilabel
@@ -160,7 +161,7 @@ class BEATsClassifier(nn.Module):
         models); everything below stays frozen."""
         layers = self.backbone.encoder.layers
         if not 0 <= k <= len(layers):
-            raise ValueError(f"k={k}: the backbone has {len(layers)} layers")
+            raise InputError(f"k={k}: the backbone has {len(layers)} layers")
         self.backbone.requires_grad_(False)
         for layer in list(layers)[len(layers) - k:]:
             layer.requires_grad_(True)  # layer 0 also holds the shared position table

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
 from .inputs import MIN_SAMPLES
 from .model import PATCHES_PER_STEP, BEATs
 from .pooling import PoolingSpec, pool, step_centres
@@ -50,7 +51,7 @@ def _audio(audio: torch.Tensor | np.ndarray) -> torch.Tensor:
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"HEAR audio must be a tensor or numpy array, got {type(audio).__name__}")
     if audio.dim() != 2:
-        raise ValueError(f"HEAR audio must be (n_sounds, n_samples), got {tuple(audio.shape)}")
+        raise InputError(f"HEAR audio must be (n_sounds, n_samples), got {tuple(audio.shape)}")
     return audio
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache, registry
-from .errors import InputError
+from .errors import InputError, NotFoundError, UnreachableError
 from .serialization import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, read_config
 
 _PATH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json")
@@ -94,7 +94,7 @@ def resolve(
         _no_revision(revision, text, "a local path")
         return _local(path, config_given)
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
-        raise FileNotFoundError(_missing_path_message(text))
+        raise NotFoundError(_missing_path_message(text))
 
     entry = registry.find(text)
     if entry is not None:
@@ -108,12 +108,12 @@ def resolve(
     if _REPO_ID.match(text):
         return _from_hub(text, revision, cache_dir, local_files_only)
 
-    raise ValueError(_unknown_name_message(text))
+    raise InputError(_unknown_name_message(text))
 
 
 def _no_revision(revision: str | None, text: str, what: str) -> None:
     if revision is not None:
-        raise ValueError(
+        raise InputError(
             f"revision={revision!r} applies to Hugging Face Hub repos only, and {text!r} is {what}"
         )
 
@@ -154,7 +154,7 @@ def _local(path: Path, config_given: bool = False) -> Resolved:
         if not config.is_file() and config_given:
             return Resolved(source=str(path), weights=path)
         if not config.is_file():
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"{path} needs its {CONFIG_NAME} in the same folder (as save_pretrained and "
                 "`beats convert` write them), or the model's config given with config=...; "
                 "neither is there"
@@ -172,7 +172,7 @@ def _folder(folder: Path, source: str) -> Resolved:
         pts = [n for n in present if n.endswith((".pt", ".pth"))]
         hint = (f" It holds {', '.join(pts)}: load that file, or convert it with "
                 f"`beats convert {pts[0]} DIR`." if pts else "")
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{folder} is not a beats model folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             f"(as save_pretrained and `beats convert` write them); it has {present or 'nothing'}."
             + hint
@@ -210,36 +210,36 @@ def _from_hub(
             ))
         except LocalEntryNotFoundError as e:
             if offline is not None:
-                raise FileNotFoundError(
+                raise NotFoundError(
                     f"{filename} of the Hub repo {where} is not in the Hugging Face cache "
                     f"({_hub_cache(cache_dir)}) and downloads are off ({offline}). Load it once "
                     "with network access to cache it"
                 ) from None
             cause = e.__cause__ or e.__context__ or e
-            raise ConnectionError(
+            raise UnreachableError(
                 f"cannot fetch {filename} of the Hub repo {where}: the Hub "
                 f"({_hub_endpoint()}) did not answer ({_first_line(cause)}) and the file is "
                 "not in the Hugging Face cache. Check the network connection and HF_ENDPOINT, "
                 "or give the path of a model folder instead"
             ) from None
         except RevisionNotFoundError:
-            raise ValueError(f"the Hub repo {repo_id} has no revision {revision!r}") from None
+            raise InputError(f"the Hub repo {repo_id} has no revision {revision!r}") from None
         except RepositoryNotFoundError:
             matches = registry.close_matches(repo_id.split("/")[-1])
             hint = (" Registered names like it: " + ", ".join(matches) + ".") if matches else ""
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"{repo_id!r} is not a local path or a registered model name, and the Hugging "
                 f"Face Hub ({_hub_endpoint()}) has no repo by that id that you can access (for a "
                 "private or gated repo, log in with `hf auth login`)." + hint
             ) from None
         except EntryNotFoundError:
             if filename == CONFIG_NAME:
-                raise FileNotFoundError(
+                raise NotFoundError(
                     f"the Hub repo {where} has no {CONFIG_NAME}, so it is not in the beats format. "
                     "If it holds a Microsoft .pt, download that file with "
                     "huggingface_hub.hf_hub_download and run `beats convert FILE DIR`"
                 ) from None
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"the Hub repo {where} has a {CONFIG_NAME} but no {filename}"
             ) from None
 

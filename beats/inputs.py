@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, resample
+from .errors import InputError
 
 MIN_SAMPLES = 2800  # 16 fbank frames = one 16 x 16 patch row (0.175 s at 16 kHz)
 
@@ -70,7 +71,7 @@ def _pad_list(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = [_to_float(_as_tensor(c, f"clip {i}")) for i, c in enumerate(clips)]
     for i, t in enumerate(tensors):
         if t.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"a list of clips must hold 1-D waveforms; clip {i} has shape {tuple(t.shape)}"
             )
     return _stack_padded(tensors)
@@ -81,7 +82,7 @@ def _resample_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample each clip's valid samples from ``sample_rate`` to 16 kHz and re-pad."""
     if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        raise InputError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
     rows = [
         torch.from_numpy(resample(wav[b, : int(n)].cpu().numpy(), sample_rate))
         for b, n in enumerate(lengths.tolist())
@@ -118,12 +119,12 @@ def prepare_batch(
     that says what was wrong and what to do.
     """
     if padding_mask is not None and lengths is not None:
-        raise ValueError("give either padding_mask or lengths, not both")
+        raise InputError("give either padding_mask or lengths, not both")
     if isinstance(wav, (list, tuple)):
         if len(wav) == 0:
-            raise ValueError("audio is empty: got an empty list of clips")
+            raise InputError("audio is empty: got an empty list of clips")
         if padding_mask is not None or lengths is not None:
-            raise ValueError("a list of clips carries its own lengths: drop padding_mask/lengths")
+            raise InputError("a list of clips carries its own lengths: drop padding_mask/lengths")
         wav, lengths = _pad_list(wav)
     wav = _to_float(_as_tensor(wav, "audio"))
     if device is not None:
@@ -134,15 +135,15 @@ def prepare_batch(
     if wav.dim() != 2:
         hint = (" If it has a channel axis, downmix first (e.g. wav.mean(dim=1))."
                 if wav.dim() == 3 else "")
-        raise ValueError(
+        raise InputError(
             f"audio must be (N,) or (B, N) samples, got {wav.dim()}-D shape "
             f"{tuple(wav.shape)}.{hint}"
         )
     batch, n = wav.shape
     if batch == 0 or n == 0:
-        raise ValueError(f"audio is empty: shape {tuple(wav.shape)}")
+        raise InputError(f"audio is empty: shape {tuple(wav.shape)}")
     if 1 <= n <= 8 and batch > n:
-        raise ValueError(
+        raise InputError(
             f"audio of shape {tuple(wav.shape)} looks like (samples, channels): BEATs takes "
             "mono 16 kHz audio; downmix with wav.mean(axis=-1) (or pick one channel)"
         )
@@ -152,7 +153,7 @@ def prepare_batch(
         if single and mask.dim() == 1:
             mask = mask.unsqueeze(0)
         if tuple(mask.shape) != (batch, n):
-            raise ValueError(
+            raise InputError(
                 f"padding_mask has shape {tuple(mask.shape)} but audio has {(batch, n)}"
             )
         if mask.dtype != torch.bool:
@@ -162,7 +163,7 @@ def prepare_batch(
         lengths_t = n - mask.sum(dim=1)
         suffix = torch.arange(n, device=wav.device) >= lengths_t.unsqueeze(1)
         if not torch.equal(mask, suffix):
-            raise ValueError(
+            raise InputError(
                 "padding_mask must mark a suffix of each row as padding (True after the "
                 f"valid samples); rows {_items((mask != suffix).any(dim=1))} do not"
             )
@@ -173,9 +174,9 @@ def prepare_batch(
         if lengths_t.is_floating_point() or lengths_t.dtype == torch.bool:
             raise TypeError(f"lengths must be integers (samples), got {lengths_t.dtype}")
         if tuple(lengths_t.shape) != (batch,):
-            raise ValueError(f"lengths has shape {tuple(lengths_t.shape)}, expected ({batch},)")
+            raise InputError(f"lengths has shape {tuple(lengths_t.shape)}, expected ({batch},)")
         if ((lengths_t < 0) | (lengths_t > n)).any():
-            raise ValueError(
+            raise InputError(
                 f"lengths must lie in [0, {n}] (the padded length); got {lengths_t.tolist()}"
             )
     else:
@@ -186,13 +187,13 @@ def prepare_batch(
     wav = torch.where(valid, wav, torch.zeros((), dtype=wav.dtype, device=wav.device))
     bad = ~torch.isfinite(wav).all(dim=1)
     if bad.any():
-        raise ValueError(f"audio contains NaN or Inf in batch item(s) {_items(bad)}")
+        raise InputError(f"audio contains NaN or Inf in batch item(s) {_items(bad)}")
     if sample_rate != SAMPLE_RATE:
         wav, lengths_t = _resample_rows(wav, lengths_t, sample_rate)
     short = lengths_t < MIN_SAMPLES
     if short.any():
         items = _items(short)
-        raise ValueError(
+        raise InputError(
             f"audio too short: clip(s) {items} have {lengths_t[short].tolist()} samples at "
             f"16 kHz; BEATs needs at least {MIN_SAMPLES} samples (0.175 s). Pad with zeros "
             "or drop them"

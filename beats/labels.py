@@ -6,6 +6,8 @@ import csv
 import functools
 from pathlib import Path
 
+from .errors import NotFoundError
+
 
 def data_dir() -> Path:
     """The ``checkpoints`` data folder: inside the installed package, or the repository's."""
@@ -13,7 +15,7 @@ def data_dir() -> Path:
     for candidate in (here / "checkpoints", here.parent / "checkpoints"):
         if (candidate / "audioset_labels.csv").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise NotFoundError(
         "the beats data folder (checkpoints/) is missing; reinstall the package"
     )
 

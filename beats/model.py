@@ -15,6 +15,7 @@ from . import checkpoint, hub, serialization
 from .attention import check_implementation
 from .config import BEATsConfig, check_memory
 from .encoder import TransformerEncoder
+from .errors import InputError
 from .fbank import NUM_MEL_BINS, fbank
 from .inputs import ArrayLike, prepare_batch
 from .labels import audioset_names, display_names
@@ -46,13 +47,13 @@ def check_fbank(features: torch.Tensor, frames: torch.Tensor) -> None:
     """Refuse a filterbank batch whose shapes or frame counts cannot be right (one host
     sync); for entry points that take a filterbank from callers."""
     if features.dim() != 3 or features.shape[2] != NUM_MEL_BINS:
-        raise ValueError(f"the filterbank must be (B, T, {NUM_MEL_BINS}), got shape "
+        raise InputError(f"the filterbank must be (B, T, {NUM_MEL_BINS}), got shape "
                          f"{tuple(features.shape)}")
     if frames.shape != features.shape[:1] or frames.is_floating_point():
-        raise ValueError(f"frames must be (B,) = ({features.shape[0]},) integers, got "
+        raise InputError(f"frames must be (B,) = ({features.shape[0]},) integers, got "
                          f"{frames.dtype} {tuple(frames.shape)}")
     if bool(((frames < 0) | (frames > features.shape[1])).any()):
-        raise ValueError(f"frames must count filterbank frames in [0, {features.shape[1]}] "
+        raise InputError(f"frames must count filterbank frames in [0, {features.shape[1]}] "
                          f"(fbank's second output, not samples); got {frames.tolist()}")
 
 
@@ -338,7 +339,7 @@ class BEATs(nn.Module):
         if output_layer is None:
             return None
         if not -num_layers - 1 <= output_layer <= num_layers:
-            raise ValueError(
+            raise InputError(
                 f"output_layer={output_layer} is out of range: this model has "
                 f"{num_layers} layers (use 0..{num_layers}, or negative from the end)"
             )
@@ -372,11 +373,11 @@ class BEATs(nn.Module):
         gives the architecture; ``config``'s keys override the checkpoint's ``cfg``.
         """
         if not isinstance(ckpt.get("model"), dict):
-            raise ValueError(f"{source}: 'model' must be a dict, got "
+            raise InputError(f"{source}: 'model' must be a dict, got "
                              f"{type(ckpt.get('model')).__name__}")
         cfg = ckpt.get("cfg")
         if cfg is not None and not isinstance(cfg, dict):
-            raise ValueError(f"{source}: 'cfg' must be a dict, got {type(cfg).__name__}")
+            raise InputError(f"{source}: 'cfg' must be a dict, got {type(cfg).__name__}")
         label_dict = ckpt.get("label_dict")
         if label_dict is not None:
             label_dict = {int(k): str(v) for k, v in dict(label_dict).items()}
@@ -548,13 +549,13 @@ class BEATs(nn.Module):
         are named ``class N``; ``top_k`` larger than the number of classes gives them all.
         """
         if self.predictor is None:
-            raise ValueError(
+            raise InputError(
                 "predict_labels needs a fine-tuned model (one with a class head), such as "
                 "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2; this model has no head "
                 "(cfg.finetuned_model is False): use extract_features for embeddings"
             )
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+            raise InputError(f"top_k must be a positive int, got {top_k!r}")
         names = audioset_names()
         label_dict = self.label_dict or {}
 
@@ -596,7 +597,7 @@ def _merge_config(
     """The checkpoint's ``cfg`` with the user's ``config`` keys over it."""
     if config is None:
         if cfg is None:
-            raise ValueError(
+            raise InputError(
                 f"{source} is a bare state dict ({num_tensors} tensors) without the model's "
                 "config: give it, as BEATs.from_pretrained(path, config=...) with a "
                 "BEATsConfig, a dict or a JSON file of the cfg keys (`beats convert IN OUT "

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -77,7 +79,7 @@ def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "glu": _identity,
     }
     if name not in table:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}")
+        raise InputError(f"unknown activation {name!r}; expected one of {sorted(table)}")
     return table[name]
 
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
 from .audio import AudioError, audio_info
-from .errors import InputError
+from .errors import InputError, RunExistsError
 from .events import Event, clean_label, step_time
 from .files import InputFile, atomic_write, output_path, printable, safe_key
 from .inputs import MIN_SAMPLES
@@ -93,7 +93,7 @@ class ShardWriter:
     def write(self, record: Record, embedding: np.ndarray, times: np.ndarray | None) -> None:
         name = tensor_name(record.key)
         if name in self.tensors:
-            raise ValueError(f"its tensor name {name!r} is taken by another input in the shard")
+            raise InputError(f"its tensor name {name!r} is taken by another input in the shard")
         self.tensors[name] = np.ascontiguousarray(embedding)
         if times is not None:
             self.tensors[name + "#times"] = times
@@ -128,12 +128,12 @@ def check_run_file(output_dir: Path, fingerprint: dict[str, Any], resume: bool) 
         changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(
+            raise InputError(
                 f"cannot resume in {output_dir}: the earlier run used other settings "
                 f"({details}); use a new output folder or the same settings"
             )
     elif not resume and (output_dir / MANIFEST).exists():
-        raise FileExistsError(
+        raise RunExistsError(
             f"{output_dir} already holds a run ({MANIFEST}); pass --resume to continue it "
             "or choose an empty output folder"
         )
@@ -210,7 +210,7 @@ def earlier_keys(items: list[InputFile], previous: dict[str, Record]) -> list[In
     seen: dict[str, Path] = {}
     for item in out:
         if item.key in seen:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume: {seen[item.key]} and {item.path} both map to the output "
                 f"{item.key!r} given the earlier run's layout; use a new output folder"
             )
@@ -240,7 +240,7 @@ def split_done(
             clashes.append((item, record))
     if clashes:
         item, record = clashes[0]
-        raise ValueError(
+        raise InputError(
             f"cannot resume: {len(clashes)} input(s) would overwrite outputs of other "
             f"files, e.g. {printable(abs_input(item.path))} -> {printable(item.key)}, which holds "
             f"{printable(record.input)}; resume with the earlier run's inputs, or use a "
@@ -354,7 +354,7 @@ class EventWriter:
                  decode: Callable[[np.ndarray], list[Event]], labels: list[str],
                  fmt: str = "tsv", save_scores: bool = False) -> None:
         if fmt not in EVENT_FORMATS:
-            raise ValueError(f"format {fmt!r}: choose one of {EVENT_FORMATS}")
+            raise InputError(f"format {fmt!r}: choose one of {EVENT_FORMATS}")
         self.output_dir = output_dir
         self.manifest = manifest
         self.decode = decode

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
 from .model import PATCHES_PER_STEP, BEATsOutput
 
 TIME_POOLING = ("none", "mean", "mean+std")
@@ -44,11 +45,11 @@ class PoolingSpec:
 
     def __post_init__(self) -> None:
         if self.time not in TIME_POOLING:
-            raise ValueError(f"time pooling {self.time!r}: choose one of {TIME_POOLING}")
+            raise InputError(f"time pooling {self.time!r}: choose one of {TIME_POOLING}")
         if self.freq not in FREQ_POOLING:
-            raise ValueError(f"frequency pooling {self.freq!r}: choose one of {FREQ_POOLING}")
+            raise InputError(f"frequency pooling {self.freq!r}: choose one of {FREQ_POOLING}")
         if isinstance(self.layers, str) and self.layers not in ("last", "all"):
-            raise ValueError(f"layers {self.layers!r}: use 'last', 'all' or layer numbers")
+            raise InputError(f"layers {self.layers!r}: use 'last', 'all' or layer numbers")
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -66,7 +67,7 @@ class PoolingSpec:
             return tuple(range(num_layers + 1))
         for k in self.layers:
             if not 0 <= k <= num_layers:
-                raise ValueError(
+                raise InputError(
                     f"layer {k} does not exist: the model has hidden states 0..{num_layers}"
                 )
         return tuple(self.layers)
@@ -80,7 +81,7 @@ def parse_layers(text: str) -> str | tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"--layers {text!r}: use 'last', 'all' or numbers like 4,8,12") from None
+        raise InputError(f"--layers {text!r}: use 'last', 'all' or numbers like 4,8,12") from None
 
 
 def pool(output: BEATsOutput, spec: PoolingSpec, num_layers: int) -> list[torch.Tensor]:
@@ -94,7 +95,7 @@ def pool(output: BEATsOutput, spec: PoolingSpec, num_layers: int) -> list[torch.
         stack = output.features.unsqueeze(1)  # (B, 1, S, C)
     else:
         if output.hidden_states is None:
-            raise ValueError("these layers need extract_features(output_hidden_states=True)")
+            raise InputError("these layers need extract_features(output_hidden_states=True)")
         stack = torch.stack([output.hidden_states[k] for k in indices], dim=1)
     batch, layers, positions, dim = stack.shape
     x = stack.float().view(batch, layers, positions // PATCHES_PER_STEP, PATCHES_PER_STEP, dim)

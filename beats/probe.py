@@ -27,7 +27,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, NotFoundError
 from .files import InputFile, atomic_path, atomic_write
 from .heads import Head, classification_loss
 from .labelled import (  # noqa: F401 - the probe's data, kept importable from here
@@ -40,6 +40,7 @@ from .labelled import (  # noqa: F401 - the probe's data, kept importable from h
 )
 from .manifest import FAILED, latest_by_key, read_manifest
 from .metrics import accuracy, macro_f1, mean_average_precision
+from .options import check, option
 
 KINDS = ("linear", "attentive")
 # What a probe writes into its folder; a folder holding one of them holds a probe.
@@ -114,7 +115,7 @@ def as_sequence(embedding: np.ndarray) -> np.ndarray:
         return embedding.reshape(-1, embedding.shape[-1])
     if embedding.ndim == 2:
         return embedding
-    raise ValueError(
+    raise InputError(
         f"embeddings of shape {embedding.shape} hold several layers; extract one layer "
         "(--layers k) for a probe"
     )
@@ -138,7 +139,7 @@ class Probe(nn.Module):
     def __init__(self, dim: int, num_classes: int, kind: str = "linear") -> None:
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"probe kind {kind!r}: choose one of {KINDS}")
+            raise InputError(f"probe kind {kind!r}: choose one of {KINDS}")
         self.kind = kind
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
@@ -168,14 +169,17 @@ def _score(m: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """Optimiser and early-stopping settings of `fit`."""
+    """Optimiser and early-stopping settings of `fit` (``beats probe``'s options)."""
 
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    patience: int = 20
-    seed: int = 0
+    epochs: int = option(200, help="most training epochs", ge=1)
+    lr: float = option(1e-3, help="AdamW learning rate", gt=0)
+    weight_decay: float = option(1e-4, help="AdamW weight decay", ge=0)
+    batch_size: int = option(32, help="clips per step", ge=1)
+    patience: int = option(20, help="epochs without improvement before stopping", ge=1)
+    seed: int = option(0, help="seed of the splits and the head", ge=0)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 def fit(probe: Probe, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
@@ -240,7 +244,7 @@ def save_probe(out_dir: str | os.PathLike, probe: Probe, meta: dict[str, Any]) -
 def load_probe(out_dir: str | os.PathLike) -> tuple[Probe, dict[str, Any]]:
     out_dir = Path(out_dir)
     if not (out_dir / "head.json").exists():
-        raise FileNotFoundError(f"{out_dir}: no head.json; is it a `beats probe` output?")
+        raise NotFoundError(f"{out_dir}: no head.json; is it a `beats probe` output?")
     meta = json.loads((out_dir / "head.json").read_text())
     state = load_file(str(out_dir / "head.safetensors"))
     dim = state["mean"].numel()

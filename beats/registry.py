@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError, NotFoundError
 from .labels import data_dir
 
 KINDS = ("pretrained", "fine-tuned", "tokenizer")
@@ -132,55 +133,55 @@ def _load_cached(path: Path, mtime_ns: int) -> tuple[RegistryEntry, ...]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the checkpoint registry {path}: {e}") from e
+        raise InputError(f"cannot read the checkpoint registry {path}: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
-        raise ValueError(f"{path} is not a beats registry: expected an object with a 'models' list")
+        raise InputError(f"{path} is not a beats registry: expected an object with a 'models' list")
     version = doc.get("format_version", 1)
     if version not in FORMATS:
-        raise ValueError(f"{path}: format_version {version!r} is not one beats reads {FORMATS}; "
+        raise InputError(f"{path}: format_version {version!r} is not one beats reads {FORMATS}; "
                          "a newer beats may read it")
     entries = []
     for i, raw in enumerate(doc["models"]):
         try:
             entries.append(_entry(raw, version))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{path}: model entry {i} is malformed: {e}") from None
+            raise InputError(f"{path}: model entry {i} is malformed: {e}") from None
     _check(entries, path)
     return tuple(entries)
 
 
 def _load(path: Path) -> tuple[RegistryEntry, ...]:
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint registry at {path} (check ${REGISTRY_ENV})")
+        raise NotFoundError(f"no checkpoint registry at {path} (check ${REGISTRY_ENV})")
     return _load_cached(path.resolve(), path.stat().st_mtime_ns)
 
 
 def _entry(raw: dict, version: int) -> RegistryEntry:
     name = raw["name"]
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ValueError(f"name {name!r} must be a non-empty file name")
+        raise InputError(f"name {name!r} must be a non-empty file name")
     if raw["kind"] not in KINDS:
-        raise ValueError(f"kind {raw['kind']!r} is not one of {KINDS}")
+        raise InputError(f"kind {raw['kind']!r} is not one of {KINDS}")
     sha = raw.get("sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or set(sha) - _HEX):
-        raise ValueError(f"sha256 of {name!r} must be 64 lowercase hex digits or null")
+        raise InputError(f"sha256 of {name!r} must be 64 lowercase hex digits or null")
     size = raw.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
-        raise ValueError(f"size of {name!r} must be a positive int or null")
+        raise InputError(f"size of {name!r} must be a positive int or null")
     if version >= 2 and (sha is None) != (size is None):
-        raise ValueError(f"{name!r} must give both sha256 and size, or neither")
+        raise InputError(f"{name!r} must give both sha256 and size, or neither")
     if version == 1:
         urls = raw["urls"]
         if not urls or not all(isinstance(u, str) and u for u in urls):
-            raise ValueError(f"{name!r} needs at least one download url")
+            raise InputError(f"{name!r} needs at least one download url")
         sources = tuple(Source(type="url", url=u) for u in urls)
     else:
         sources = tuple(_source(s, name) for s in raw["sources"])
         if not sources:
-            raise ValueError(f"{name!r} needs at least one source")
+            raise InputError(f"{name!r} needs at least one source")
     architecture = raw.get("architecture") or {}
     if not isinstance(architecture, dict):
-        raise ValueError(f"architecture of {name!r} must be an object of config keys")
+        raise InputError(f"architecture of {name!r} must be an object of config keys")
     return RegistryEntry(
         name=name,
         kind=raw["kind"],
@@ -199,22 +200,22 @@ def _entry(raw: dict, version: int) -> RegistryEntry:
 def _source(raw: dict, name: str) -> Source:
     kind = raw["type"]
     if kind not in SOURCE_TYPES:
-        raise ValueError(f"source type {kind!r} of {name!r} is not one of {SOURCE_TYPES}")
+        raise InputError(f"source type {kind!r} of {name!r} is not one of {SOURCE_TYPES}")
     note = str(raw.get("note") or "")
     if kind == "huggingface":
         repo_type = raw.get("repo_type") or "model"
         if repo_type not in REPO_TYPES:
-            raise ValueError(f"repo_type {repo_type!r} of {name!r} is not one of {REPO_TYPES}")
+            raise InputError(f"repo_type {repo_type!r} of {name!r} is not one of {REPO_TYPES}")
         repo_id, filename = raw["repo_id"], raw["filename"]
         if not (isinstance(repo_id, str) and repo_id.count("/") == 1 and filename):
-            raise ValueError(f"a Hugging Face source of {name!r} needs repo_id (owner/name) "
+            raise InputError(f"a Hugging Face source of {name!r} needs repo_id (owner/name) "
                              "and filename")
         revision = raw.get("revision")
         return Source(type=kind, repo_id=repo_id, repo_type=repo_type, filename=str(filename),
                       revision=str(revision) if revision else None, note=note)
     url = raw["url"]
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValueError(f"a {kind} source of {name!r} needs an http(s) url, got {url!r}")
+        raise InputError(f"a {kind} source of {name!r} needs an http(s) url, got {url!r}")
     return Source(type=kind, url=url, note=note)
 
 
@@ -224,16 +225,16 @@ def _check(entries: list[RegistryEntry], path: Path) -> None:
         for key in (e.name, *e.aliases):
             other = seen.setdefault(key.lower(), e.name)
             if other != e.name:
-                raise ValueError(f"{path}: name or alias {key!r} is used twice ({other}, {e.name})")
+                raise InputError(f"{path}: name or alias {key!r} is used twice ({other}, {e.name})")
     defaults = [e.name for e in entries if e.default]
     if len(defaults) > 1:
-        raise ValueError(f"{path}: more than one default model: {defaults}")
+        raise InputError(f"{path}: more than one default model: {defaults}")
 
 
 def available_models(kind: str | None = None) -> list[str]:
     """Names of the registered checkpoints, optionally of one ``kind``."""
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
     return [e.name for e in load_registry() if kind is None or e.kind == kind]
 
 
@@ -242,7 +243,7 @@ def default_model() -> RegistryEntry:
     for e in load_registry():
         if e.default:
             return e
-    raise ValueError(f"the registry {registry_path()} marks no default model: give a model "
+    raise InputError(f"the registry {registry_path()} marks no default model: give a model "
                      "name (-m NAME), or mark one entry \"default\": true")
 
 

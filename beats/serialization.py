@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError, NotFoundError
 from .files import atomic_path, atomic_write
 
 CONFIG_NAME = "config.json"
@@ -71,19 +72,19 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], bool]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None
+        raise NotFoundError(f"no {CONFIG_NAME} at {path}") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        raise InputError(f"{path} must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type", MODEL_TYPE)
     if model_type != MODEL_TYPE:
-        raise ValueError(
+        raise InputError(
             f"{path} describes a {model_type!r} model, not a BEATs model (model_type 'beats')"
         )
     version = config.get("beats_format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} was written in beats format version {version!r}; this beats reads up to "
             f"version {FORMAT_VERSION}: upgrade beats"
         )
@@ -96,11 +97,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` onto the CPU; a truncated or corrupt file names itself."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
+        raise NotFoundError(f"no weights file at {path}")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is truncated or corrupt and cannot be read: {e}") from None
+        raise InputError(f"{path} is truncated or corrupt and cannot be read: {e}") from None
 
 
 def read_labels(path: str | Path) -> dict[int, str]:
@@ -109,14 +110,14 @@ def read_labels(path: str | Path) -> dict[int, str]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no {LABELS_NAME} at {path}, but its config.json says the model has labels"
         ) from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must map class indices to AudioSet MIDs")
+        raise InputError(f"{path} must map class indices to AudioSet MIDs")
     try:
         return {int(k): str(v) for k, v in raw.items()}
     except ValueError:
-        raise ValueError(f"{path} must map class indices (integers) to AudioSet MIDs") from None
+        raise InputError(f"{path} must map class indices (integers) to AudioSet MIDs") from None

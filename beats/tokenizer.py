@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import BEATsConfig
+from .errors import InputError
 from .inputs import ArrayLike
 from .model import BEATs, check_fbank
 from .quantizer import VectorQuantizer
@@ -49,7 +50,7 @@ class BEATsTokenizer(BEATs):
     def __init__(self, cfg: BEATsConfig | None = None) -> None:
         cfg = cfg if cfg is not None else BEATsConfig()
         if cfg.finetuned_model:
-            raise ValueError("BEATsConfig.finetuned_model=True: a tokenizer has no class head")
+            raise InputError("BEATsConfig.finetuned_model=True: a tokenizer has no class head")
         super().__init__(cfg)
         dim = cfg.encoder_embed_dim
         self.quantize_layer = nn.Sequential(

@@ -98,7 +98,7 @@ def plan_windows(num_samples: int, window_s: float = 10.0, hop_s: float = 8.0) -
     """
     total = num_steps(num_samples)
     if total == 0:
-        raise ValueError(
+        raise InputError(
             f"audio too short: {num_samples} samples; BEATs needs at least {STEP_SPAN} "
             "samples (0.175 s at 16 kHz)"
         )
@@ -139,10 +139,10 @@ def iter_windowed(
         output_layer, output_hidden_states: as in `BEATs.extract_features`.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise InputError(f"batch_size={batch_size} must be positive")
     audio, _ = prepare_batch(wav)  # checked, float32, on the CPU: windows move one batch
     if audio.shape[0] != 1:
-        raise ValueError(f"extract_windowed takes one clip (N,), got shape {tuple(audio.shape)}")
+        raise InputError(f"extract_windowed takes one clip (N,), got shape {tuple(audio.shape)}")
     audio = audio[0]
     windows = plan_windows(audio.shape[0], window_s, hop_s)
     for first in range(0, len(windows), batch_size):
@@ -240,7 +240,7 @@ def frame_scores_windowed(
     """
     audio, _ = prepare_batch(wav)
     if audio.shape[0] != 1:
-        raise ValueError(f"frame_scores_windowed takes one clip (N,), got shape "
+        raise InputError(f"frame_scores_windowed takes one clip (N,), got shape "
                          f"{tuple(audio.shape)}")
     audio = audio[0]
     if window_s is None:

@@ -108,10 +108,11 @@ def extract_check(check: Check) -> None:
     """`beats.extract.extract` end to end, and each of its stages alone."""
     from torch.utils.data import DataLoader
 
-    from beats.extract import ExtractOptions, _as_is, _BatchReader, _by_duration, _embed_batch
+    from beats.extract import ExtractOptions, _embed_batch
     from beats.files import discover_inputs
     from beats.manifest import ManifestWriter, Record
     from beats.outputs import NpyWriter
+    from beats.reading import BatchReader, as_is, by_duration
     from beats.workers import worker_init
     from benchmarks.gpu_check import base_model
 
@@ -134,9 +135,9 @@ def extract_check(check: Check) -> None:
         procs = f"{workers} worker" + "s" * (workers != 1)
         # decoding alone: the loader that extract uses, nothing else
         start = time.perf_counter()
-        loader = DataLoader(_BatchReader(_by_duration(items, batch), None,
-                                         multiprocessing.Event()),
-                            batch_size=None, num_workers=workers, collate_fn=_as_is,
+        loader = DataLoader(BatchReader(by_duration(items, batch), None,
+                                        multiprocessing.Event()),
+                            batch_size=None, num_workers=workers, collate_fn=as_is,
                             prefetch_factor=2 if workers else None,
                             worker_init_fn=worker_init if workers else None)
         loaded = list(loader)

@@ -3,7 +3,8 @@
 A page holds a marker line ``<!-- generated: NAME -->``; `on_page_markdown` replaces it
 with ``GENERATORS[NAME]()``, Markdown made from the code itself: the command line from
 ``beats.cli.build_parser()``, config fields from the config dataclasses, exit codes from
-``beats.cli`` and the error types from ``beats.errors`` and its subclasses. Nothing here is
+``beats.cli`` (the codes and the error policy in its docstring) and the error types from
+``beats.errors`` and its subclasses. Nothing here is
 kept by hand, so the pages cannot drift from the code.
 
 The tests import this file to check that every config field and option appears.
@@ -32,6 +33,8 @@ CONFIGS = [
     "beats.train.distill:DistillConfig",
     "beats.train.iterate:IterateConfig",
     "beats.train.ssl:SSLConfig",
+    "beats.probe:TrainConfig",
+    "beats.detect:DetectConfig",
     "beats.config:BEATsConfig",
 ]
 
@@ -97,7 +100,8 @@ def _flags(action: argparse.Action) -> str:
         return _code(action.metavar or action.dest)
     metavar = ""
     if action.nargs != 0:
-        metavar = " " + (action.metavar or action.dest.upper())
+        name = action.metavar or action.dest.upper()
+        metavar = " " + (" ".join(name) if isinstance(name, tuple) else name)
         if action.choices is not None and action.metavar is None:
             metavar = " {" + ",".join(map(str, action.choices)) + "}"
     return ", ".join(_code(flag + metavar) for flag in action.option_strings)
@@ -164,15 +168,45 @@ def docstring_attributes(cls: type) -> dict[str, str]:
 
 
 def field_help(cls: type, field: dataclasses.Field) -> str:
-    """What a config field means: its ``help`` metadata, else the ``Attributes:`` entry of
-    the nearest class in ``cls``'s MRO that documents it."""
+    """What a config field means: its ``help`` metadata (with what None means, for a
+    field whose default is None), else the ``Attributes:`` entry of the nearest class in
+    ``cls``'s MRO that documents it."""
     if field.metadata.get("help"):
-        return str(field.metadata["help"])
+        text = str(field.metadata["help"])
+        unset = field.metadata.get("unset")
+        if unset and field_default(field) is None:
+            text += f" (None: {unset})"
+        return text
     for klass in cls.__mro__:
         text = docstring_attributes(klass).get(field.name)
         if text:
             return text
     return ""
+
+
+def field_values(cls: type, field: dataclasses.Field) -> str:
+    """The values a field takes, from its metadata: ``one of `a`, `b` ``, ``a positive
+    integer``, ...; "" when it states none."""
+    from beats.options import describe, value_types
+
+    meta = field.metadata
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(_code(c) for c in meta["choices"])
+    kind = value_types(cls)[field.name][0]
+    if any(meta.get(k) is not None for k in ("ge", "gt", "le", "lt")):
+        return describe(int if kind is int else float, meta)
+    return ""
+
+
+def field_option(field: dataclasses.Field) -> str:
+    """How the command line sets a field: its flags, or "" for none."""
+    from beats.options import flags
+
+    if "help" not in field.metadata:
+        return ""
+    if not field.metadata.get("cli", True) and not field.metadata.get("flags"):
+        return ""
+    return ", ".join(_code(f) for f in flags(field))
 
 
 def _type_name(hint: Any) -> str:
@@ -214,17 +248,25 @@ def config_fields(cls: type) -> list[tuple[dataclasses.Field, str, str, str]]:
     return rows
 
 
+def config_heading(path: str) -> str:
+    """The section heading of a config: its class name, or its full name when another
+    config on the page has the same class name (``beats.probe.TrainConfig``)."""
+    module, name = path.split(":")
+    same = [p for p in CONFIGS if p.split(":")[1] == name]
+    return f"## `{name}`" if same[0] == path else f"## `{module}.{name}`"
+
+
 def config_reference() -> str:
-    """One table per config dataclass: field, type, default, meaning."""
+    """One table per config dataclass: field, option, type, default, values, meaning."""
     out = []
     for path in CONFIGS:
         cls = config_class(path)
         module = path.split(":")[0]
-        out.append(f"## `{cls.__name__}`\n")
+        out.append(config_heading(path) + "\n")
         out.append(f"`{module}.{cls.__name__}`: {_summary(cls)}\n")
-        rows = [[_code(f.name), _code(t), d, _cell(text)]
-                for f, t, d, text in config_fields(cls)]
-        out.append(_table(["field", "type", "default", "meaning"], rows))
+        rows = [[_code(f.name), field_option(f), _code(t), d, field_values(cls, f),
+                 _cell(text)] for f, t, d, text in config_fields(cls)]
+        out.append(_table(["field", "option", "type", "default", "values", "meaning"], rows))
     return "\n".join(out)
 
 
@@ -279,15 +321,29 @@ def _error_types() -> list[type]:
     return found
 
 
+def error_policy() -> str:
+    """The error policy as `beats.cli`'s docstring states it (its ``Errors`` part), in
+    Markdown: the one place it is written."""
+    doc = inspect.getdoc(importlib.import_module("beats.cli")) or ""
+    if "\nErrors" not in doc:
+        return ""
+    part = doc.split("\nErrors", 1)[1].split(":", 1)[1].strip()
+    return part.replace("``", "`") + "\n"
+
+
 def errors_reference() -> str:
-    """The exit-code table and the error types a user can fix."""
+    """The exit-code table, the error policy and the error types a user can fix."""
     rows = [[_code(code), _code(name) if name else "", _cell(text)]
             for code, name, text in exit_codes()]
     out = [_table(["code", "in `beats.cli`", "meaning"], rows), ""]
+    policy = error_policy()
+    if policy:
+        out += ["### What each kind of error does\n", policy]
     rows = []
     for cls in _error_types():
         bases = ", ".join(f"`{b.__name__}`" for b in cls.__bases__ if b is not object)
-        rows.append([f"`{cls.__module__}.{cls.__name__}`", bases, _cell(_summary(cls))])
+        rows.append([f"`{cls.__module__}.{cls.__name__}`", bases,
+                     _cell(_summary(cls).replace("``", "`"))])
     out.append("### Error types\n")
     out.append(_table(["type", "bases", "raised for"], rows))
     return "\n".join(out)

@@ -18,6 +18,7 @@ import torch
 
 from beats.cli import main, setup_error
 from beats.download import DownloadError
+from beats.errors import InputError
 from beats.files import atomic_write
 
 from .audio_files import sf_write
@@ -237,7 +238,7 @@ def test_atomic_write_names_a_full_disk_whatever_the_writer_says(small_disks):
 
 # ---------------------------------------------------------------------- the classifier
 def test_setup_errors_are_one_line_and_bugs_are_not_setup_errors():
-    assert setup_error(ValueError("first line\n  second line")) == "first line second line"
+    assert setup_error(InputError("first line\n  second line")) == "first line second line"
     assert setup_error(DownloadError("cannot download x")) == "cannot download x"
     assert setup_error(OSError(errno.EACCES, "Permission denied", "/data/out")) == (
         "cannot access /data/out: permission denied: choose a path you may use, or change "
@@ -246,5 +247,6 @@ def test_setup_errors_are_one_line_and_bugs_are_not_setup_errors():
                        resumable=True).endswith("then `--resume` continues the run")
     assert setup_error(MemoryError()).startswith("out of memory: lower --batch-size")
     for bug in (KeyError("x"), IndexError("y"), TypeError("z"), AttributeError("w"),
-                RuntimeError("v")):
+                RuntimeError("v"), ValueError("operands could not be broadcast together"),
+                FileNotFoundError("raised by code, without an errno")):
         assert setup_error(bug) is None

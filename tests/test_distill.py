@@ -234,7 +234,7 @@ def test_parameter_groups_hold_every_trained_parameter_and_nothing_else():
 def test_bad_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="target"):
         DistillConfig(target="clip")
-    with pytest.raises(ValueError, match="restart-after"):
+    with pytest.raises(ValueError, match="restart_after must be 0 or a positive integer"):
         DistillConfig(restart_after=-1)
     with pytest.raises(ValueError, match="decay"):
         DistillConfig(decay=1.0)

@@ -130,7 +130,7 @@ def test_reference_shows_every_option_and_config_field_with_its_default():
     config = hooks.config_reference()
     for path in hooks.CONFIGS:
         cls = hooks.config_class(path)
-        section = config.split(f"## `{cls.__name__}`\n", 1)[1].split("\n## ", 1)[0]
+        section = config.split(hooks.config_heading(path) + "\n", 1)[1].split("\n## ", 1)[0]
         for f, _, default, meaning in hooks.config_fields(cls):
             assert f"| `{f.name}` | " in section and default in section, (cls, f.name)
             assert meaning, f"{cls.__name__}.{f.name} has no description"

@@ -340,8 +340,9 @@ def test_help_documents_every_option_with_its_default():
     proc = beats_cli("finetune", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    from beats.commands.finetune import OPTIONS
+    from beats.commands.finetune import options
 
+    OPTIONS = options()
     for _, flags, _kind, _ in OPTIONS:
         assert flags[-1] in text, flags
     # every valued option, and -m (the registry's default model)

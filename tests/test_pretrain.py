@@ -245,8 +245,9 @@ def test_bad_input_errors_before_training(tmp_path, sound_classes_dir, tiny_chec
         ([audio, "--tokenizer", str(tiny_checkpoint)], "without the tokenizer's quantizer"),
         ([audio, "--tokens", str(tmp_path / "empty")], "not a `beats tokenize` output"),
         ([audio, "--tokens", str(tmp_path), "--tokenizer", "random"], "not both"),
-        ([audio, "--positions", "sideways"], "choose one of"),
-        ([audio, "--crop", "0.1"], "at least 0.175"),
+        ([audio, "--positions", "sideways"],
+         "--positions must be one of true, scattered, compacted, got 'sideways'"),
+        ([audio, "--crop", "0.1"], "--crop must be at least 0.175, got 0.1"),
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"o{i}"

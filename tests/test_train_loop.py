@@ -28,11 +28,11 @@ def test_config_json_round_trip_and_errors():
     assert again == cfg and again.betas == (0.9, 0.95)
     with pytest.raises(ValueError, match="unknown FinetuneConfig settings"):
         FinetuneConfig.from_dict({"learning_rate": 1.0})
-    with pytest.raises(ValueError, match="batch-size=0: must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="float8")
-    with pytest.raises(ValueError, match="wrong type"):
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 'ten'"):
         TrainConfig.from_dict({"epochs": "ten"})
     assert cfg.differences(FinetuneConfig(steps=7, betas=(0.9, 0.95), val_fold="2", mixup=0.5,
                                           roll=True, quiet=True, num_workers=0)) == {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import InputError
 from ..serialization import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -75,15 +76,15 @@ def convert(
     out = Path(output)
     to_pt = out.suffix.lower() in PT_SUFFIXES
     if to_pt and out.is_dir():
-        raise ValueError(f"{out} is a folder: give a file name ending in .pt to write a "
+        raise InputError(f"{out} is a folder: give a file name ending in .pt to write a "
                          "Microsoft checkpoint, or a folder name without .pt")
     if to_pt and out.exists() and not force:
-        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+        raise InputError(f"{out} already exists; pass --force to overwrite it")
     if not to_pt and out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder: give a folder to write the model "
+        raise InputError(f"{out} exists and is not a folder: give a folder to write the model "
                          "into, or a name ending in .pt to write a Microsoft checkpoint")
     if not to_pt and (out / WEIGHTS_NAME).exists() and not force:
-        raise ValueError(f"{out} already holds a model ({WEIGHTS_NAME}); pass --force to "
+        raise InputError(f"{out} already holds a model ({WEIGHTS_NAME}); pass --force to "
                          "overwrite it")
     model = load_any(input_path, config)
     if to_pt:

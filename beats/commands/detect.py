@@ -13,10 +13,10 @@ from .arguments import (
     non_negative_float,
     non_negative_int,
     output_folder,
-    positive_float,
     positive_int,
 )
 from .extract import DTYPES, interrupted, report
+from .options import add_options
 from .tag import DEFAULT_TAGGER
 
 LATENCY = (
@@ -29,6 +29,8 @@ LATENCY = (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..detect import DetectConfig
+
     p = sub.add_parser(
         "detect",
         help="sound events with their times (fine-tuned models), in files or a live stream",
@@ -57,21 +59,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a step is active at or above this probability: one number, or a "
                         "file of 'CLASS VALUE' lines ('* VALUE' for the classes it does not "
                         "name, else 0.5)")
-    p.add_argument("--median-filter", type=non_negative_float, default=0.0, metavar="SECONDS",
-                   help="median filter over each class's scores (rounded to an odd number "
-                        "of 0.16 s steps; 0: none)")
-    p.add_argument("--min-duration", type=non_negative_float, default=0.0, metavar="SECONDS",
-                   help="drop events shorter than this")
-    p.add_argument("--min-gap", type=non_negative_float, default=0.0, metavar="SECONDS",
-                   help="merge events of one class separated by less than this")
+    add_options(p, DetectConfig, ["median_filter", "min_duration", "min_gap"], checked=True)
     p.add_argument("--classes", action="append", default=None, metavar="NAMES",
                    help="detect only these classes (names such as Speech, or the "
                         "checkpoint's labels); repeat the option or separate names with ;")
     p.add_argument("--window", type=non_negative_float, default=10.0,
                    help="seconds: longer audio is scored in overlapping windows of this "
                         "length and stitched (0: whole files; not with --stream)")
-    p.add_argument("--hop", type=positive_float, default=None,
-                   help="seconds between window starts (default: 80%% of the window)")
+    add_options(p, DetectConfig, ["hop"], checked=True)
     p.add_argument("--format", dest="output_format", default="tsv",
                    choices=("tsv", "audacity", "raven", "json"),
                    help="besides events.tsv, one file per input: an Audacity label track "

@@ -6,64 +6,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arguments import (
-    non_negative_float,
-    non_negative_int,
-    output_folder,
-    positive_int,
-    warnings_as_lines,
-)
+from ..errors import InputError
+from .arguments import output_folder, warnings_as_lines
 from .finetune import interrupted
+from .options import Option
 from .training import (
-    LENGTH,
-    OPTIMISER,
-    RUN,
-    UNLABELLED,
-    Option,
     add_audio_arguments,
-    add_config_file,
-    add_options,
-    config_from_args,
-    reparse_with_config_file,
+    add_config_options,
+    config_from_layers,
+    read_config_file,
+    record_audio,
+    report_failures,
 )
 
 
-def _decay(text: str) -> float:
-    value = non_negative_float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-# (config field, flags, type, help). Defaults come from DistillConfig; --help shows them.
-OPTIONS: list[Option] = [
-    ("student", ("--config",), str,
-     "the student tokenizer's size: tiny, base (the released tokenizers' 12 x 768), or a "
-     "JSON file {\"preset\": \"tiny\", BEATsConfig keys to change, e.g. \"quant_n\": 256}"),
-    ("target", ("--target",), str,
-     "what the student learns to predict: auto (logits for a teacher with a class head, "
-     "else features), features (the teacher's last-layer output at every patch) or logits "
-     "(a fine-tuned teacher's class logits at every patch, before pooling)"),
-    ("epochs", ("--epochs",), positive_int, "passes over the audio files"),
-    *LENGTH,
-    *OPTIMISER,
-    *UNLABELLED,
-    ("beta", ("--beta",), non_negative_float,
-     "commitment loss weight (the original 1.0; ESPnet 10)"),
-    ("decay", ("--decay",), _decay, "codebook EMA decay per optimiser step"),
-    ("kmeans_iters", ("--kmeans-iters",), positive_int,
-     "k-means iterations of the codebook initialisation (on the first step's clips)"),
-    ("estimator_layers", ("--estimator-layers",), positive_int,
-     "Transformer layers of the estimator (dropped after training)"),
-    ("restart_after", ("--restart-after",), non_negative_int,
-     "restart codes unused for this many steps from the step's encoder outputs (0: never, "
-     "as the original)"),
-    ("usage_window", ("--usage-window",), positive_int,
-     "steps counted by codebook_usage_recent in metrics.jsonl"),
-    ("eval_every", ("--eval-every",), non_negative_int,
-     "steps between held-out evaluations (0: each epoch; needs --heldout)"),
-    *RUN,
-]
+def options() -> list[Option]:
+    """The options made from `beats.train.distill.DistillConfig`'s fields."""
+    return build(argparse.ArgumentParser())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,31 +50,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build(p)
 
 
-def build(p: argparse.ArgumentParser) -> None:
-    """Add every ``beats distill`` argument to ``p``."""
+def build(p: argparse.ArgumentParser) -> list[Option]:
+    """Add every ``beats distill`` argument to ``p``; returns the config's options."""
     from ..train.distill import DistillConfig
 
-    defaults = DistillConfig()
     add_audio_arguments(p)
     p.add_argument("-o", "--output", type=output_folder,
                    help="output folder (required; no default)")
     p.add_argument("--teacher", default=None,
                    help="the teacher: a BEATs checkpoint (registry name, hub repo, folder or "
                         ".pt), SSL or fine-tuned; not a tokenizer (required; no default)")
-    add_config_file(p)
-    add_options(p, OPTIONS, defaults)
+    return add_config_options(p, DistillConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train.distill import DistillConfig, distill
 
-    args = reparse_with_config_file(args, "distill", build, lambda record: {
-        "audio": record.get("audio"), "heldout": record.get("heldout") or None,
-        "teacher": record.get("teacher"), "output": record.get("output")})
+    record = read_config_file(args.config_file)
+    args.audio = args.audio or record_audio(record)
+    args.heldout = args.heldout or record.get("heldout") or None
+    args.teacher = args.teacher or record.get("teacher")
+    args.output = args.output or record.get("output")
     if not args.audio or not args.output or not args.teacher:
-        raise ValueError("give AUDIO..., -o OUT and --teacher MODEL (or --config-file "
+        raise InputError("give AUDIO..., -o OUT and --teacher MODEL (or --config-file "
                          "OUT/config.json)")
-    cfg = config_from_args(DistillConfig, args)
+    cfg = config_from_layers(DistillConfig, args, record)
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
     try:
         with warnings_as_lines("distill"):
@@ -128,10 +87,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"beats distill: the run in {out} is finished (same settings, teacher and "
               f"audio): nothing to do; its tokenizer is {out / 'tokenizer'}", file=sys.stderr)
         return 0
-    if result.fit.failed:
-        print(f"beats distill: {len(result.fit.failed)} file(s) could not be read and were "
-              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
-    if not args.quiet:
+    code = report_failures("distill", result.fit, out)
+    if not cfg.quiet:
         last = _last_line(out)
         size = result.tokenizer.cfg.quant_n
         if last:
@@ -142,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"tokenizer saved to {out / 'tokenizer'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 1 if result.fit.failed else 0
+    return code
 
 
 def _last_line(out: Path) -> dict | None:

@@ -106,7 +106,8 @@ def interrupted(command: str, output: str) -> int:
 
 
 def report(command: str, summary: Summary, quiet: bool) -> int:
-    """Print the run's summary and first failures (unless quiet); the exit code."""
+    """Print the run's summary and first failures (unless quiet) and whether unexpected
+    errors happened; the exit code."""
     if not quiet:
         print(f"beats {command}: {summary}", file=sys.stderr)
         for _path, error in summary.failures[:20]:
@@ -114,6 +115,9 @@ def report(command: str, summary: Summary, quiet: bool) -> int:
         if len(summary.failures) > 20:
             print(f"  ... and {len(summary.failures) - 20} more (see manifest.jsonl)",
                   file=sys.stderr)
+    notice = summary.notice(command)  # said even when quiet: a bug to report
+    if notice:
+        print(notice, file=sys.stderr)
     return summary.exit_code
 
 

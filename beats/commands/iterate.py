@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..options import OptionError
 from .arguments import non_negative_int, output_folder, positive_float, positive_int
+from .options import add_options, named_error
 from .training import add_audio_arguments
 
 
@@ -34,29 +37,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build(p: argparse.ArgumentParser) -> None:
-    """Add every ``beats iterate`` argument to ``p``."""
+    """Add every ``beats iterate`` argument to ``p``: `IterateConfig`'s own fields, the
+    stages' settings files, and shortcuts to settings several stages share."""
+    from ..options import flags, options_of
+    from ..train.iterate import DISTILL_PRESETS, IterateConfig
+    from ..train.pretrain import TRAINING_PRESETS, PretrainConfig
+
     add_audio_arguments(p)
     p.add_argument("-o", "--output", type=output_folder, required=True,
                    help="output folder (required; no default)")
-    p.add_argument("--iterations", type=positive_int, default=3,
-                   help="iterations; 1 is the random tokenizer's (default: 3)")
+    add_options(p, IterateConfig, ["iterations"])
     p.add_argument("--config", default="tiny",
                    help="the SSL model: tiny, base, large or a JSON file as beats pretrain "
                         "takes it; the distilled tokenizers get the student of the same "
                         "preset (tiny, else base) (default: tiny)")
-    p.add_argument("--teacher-finetune", metavar="DATA", default=None,
-                   help="labelled data as beats finetune takes it: fine-tune each SSL model "
-                        "on it and distil the next tokenizer from the fine-tuned model "
-                        "(default: none; distil from the SSL model)")
-    p.add_argument("--probe", metavar="DATA", default=None,
-                   help="labelled data as beats probe takes it: a linear probe of each "
-                        "iteration's model, its test accuracy in the summary (default: none)")
+    add_options(p, IterateConfig, ["teacher_finetune", "probe"])
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="pre-training steps per iteration (default: the preset's; tiny "
-                        "1500... see beats pretrain --help)")
+                   help="pre-training steps per iteration (default: the preset's: tiny "
+                        f"{TRAINING_PRESETS['tiny']['steps']}, base and large "
+                        f"{PretrainConfig.steps})")
     p.add_argument("--distill-steps", type=positive_int, default=None,
-                   help="distillation steps per iteration (default: tiny 400; base the "
-                        "paper's epochs)")
+                   help="distillation steps per iteration (default: tiny "
+                        f"{DISTILL_PRESETS['tiny']['steps']}; base the paper's epochs)")
     p.add_argument("--finetune-epochs", type=positive_int, default=None,
                    help="fine-tuning epochs with --teacher-finetune (default: beats "
                         "finetune's)")
@@ -66,11 +68,14 @@ def build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", dest="crop_seconds", type=positive_float, default=None,
                    help="seconds per training crop of pre-training and distillation "
                         "(default: the presets')")
-    for stage in ("pretrain", "distill", "finetune"):
-        p.add_argument(f"--{stage}-options", metavar="JSON", default=None,
-                       help=f"a JSON file of beats {stage} settings (config field names, as "
-                            f"in a {stage} run's OUT/config.json 'config'), applied before "
-                            "the options above (default: none)")
+    for field in options_of(IterateConfig):
+        if field.metadata["metavar"] == "JSON":  # a stage's settings, from a file
+            stage = field.name
+            p.add_argument(*flags(field), dest=f"{stage}_options", metavar="JSON",
+                           default=None,
+                           help=f"a JSON file of {field.metadata['help']}: beats {stage} "
+                                f"config field names, as in a {stage} run's OUT/config.json "
+                                "'config'; applied before the options above (default: none)")
     p.add_argument("--dtype", default=None,
                    help="autocast dtype of every stage: float32, bfloat16, float16 "
                         "(default: the presets')")
@@ -92,12 +97,12 @@ def _options(path: str | None) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"cannot read {path}: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: settings are a JSON object of config fields")
+        raise InputError(f"{path}: settings are a JSON object of config fields")
     if isinstance(data.get("betas"), list):
         data["betas"] = tuple(data["betas"])
     return data
@@ -113,8 +118,12 @@ def _make(cls: type, base: dict[str, Any], path: str | None, flags: dict[str, An
         values.pop(key, None)
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"--{what}-options: unknown {what} setting(s) {', '.join(unknown)}")
-    return cls(**values)
+        raise InputError(f"--{what}-options: unknown {what} setting(s) {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except OptionError as e:
+        raise InputError(f"the {what} settings (--{what}-options and the options above): "
+                         f"{e}") from None
 
 
 def configs(args: argparse.Namespace) -> Any:
@@ -136,22 +145,29 @@ def configs(args: argparse.Namespace) -> Any:
                     {**run, **shared, "steps": args.distill_steps}, "distill")
     finetune = _make(FinetuneConfig, {}, args.finetune_options,
                      {**run, "epochs": args.finetune_epochs}, "finetune")
-    return IterateConfig(iterations=args.iterations, pretrain=pretrain, distill=distill,
-                         finetune=finetune, teacher_finetune=args.teacher_finetune,
-                         probe=args.probe)
+    cfg = IterateConfig(iterations=args.iterations, pretrain=pretrain, distill=distill,
+                        finetune=finetune, teacher_finetune=args.teacher_finetune,
+                        probe=args.probe)
+    try:
+        cfg.validate()
+    except OptionError as e:
+        raise named_error(e, IterateConfig) from None
+    return cfg
 
 
 def probe(data: str, seed: int, device: str, quiet: bool):
     """A probe stage: ``beats probe DATA -m MODEL -o OUT`` in this process -> test scores."""
-    from ..cli import main
+    from ..cli import EXIT_BUG, main
 
     def run(model: Path, out: Path) -> dict[str, float]:
         argv = ["probe", data, "-m", str(model), "-o", str(out), "--seed",
                 str(seed), "--device", device, "-j", "0"] + (["-q"] if quiet else [])
         code = main(argv)
         report = out / "report.json"
+        if code == EXIT_BUG:  # its traceback is written; stop here as a bug too
+            raise RuntimeError(f"beats probe of {model} on {data} met a bug (exit {code})")
         if code not in (0, 1) or not report.is_file():  # 1: some files skipped
-            raise ValueError(f"the probe of {model} on {data} failed (beats probe exit "
+            raise InputError(f"the probe of {model} on {data} failed (beats probe exit "
                              f"{code}); fix the probe data and run the same command again")
         test = json.loads(report.read_text()).get("test") or {}
         return {k: float(v) for k, v in test.items() if isinstance(v, (int, float))}
@@ -160,11 +176,12 @@ def probe(data: str, seed: int, device: str, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..failures import ERRORS_LOG
     from ..train.iterate import format_summary, iterate
     from ..train.loop import TrainingError
 
     if not args.audio:
-        raise ValueError("give AUDIO... (files, folders or .txt/.lst lists of paths)")
+        raise InputError("give AUDIO... (files, folders or .txt/.lst lists of paths)")
     cfg = configs(args)
 
     def say(stage, action: str) -> None:
@@ -191,4 +208,9 @@ def run(args: argparse.Namespace) -> int:
     if skipped:  # exit 1: the run completed without some inputs
         print(f"beats iterate: some files could not be read and were skipped (see "
               f"{', '.join(map(str, skipped))})", file=sys.stderr)
+    logs = sorted(Path(args.output).glob(f"iter*/*/{ERRORS_LOG}"))
+    if logs:
+        print(f"beats iterate: some files failed with an unexpected error, probably a bug in "
+              f"beats: the tracebacks are in {', '.join(map(str, logs))}; please report them",
+              file=sys.stderr)
     return 1 if skipped else 0

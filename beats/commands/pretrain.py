@@ -5,68 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from .arguments import (
-    non_negative_float,
-    non_negative_int,
-    output_folder,
-    positive_int,
-    warnings_as_lines,
-)
+from ..errors import InputError
+from .arguments import output_folder, warnings_as_lines
 from .finetune import interrupted
+from .options import Option
 from .training import (
-    LENGTH,
-    OPTIMISER,
-    RUN,
-    UNLABELLED,
-    Option,
     add_audio_arguments,
-    add_config_file,
-    add_options,
-    config_from_args,
-    reparse_with_config_file,
+    add_config_options,
+    config_from_layers,
+    read_config_file,
+    record_audio,
+    report_failures,
 )
 
 
-def _options() -> list[Option]:
-    """(config field, flags, type, help); defaults come from PretrainConfig (the paper's
-    for base) and --help shows them with the tiny preset's where it differs."""
-    from ..train.pretrain import TRAINING_PRESETS
-
-    tiny = TRAINING_PRESETS["tiny"]
-    options: list[Option] = [
-        ("config", ("--config",), str,
-         "model: tiny, base or large, or a JSON file of SSL config keys "
-         '({"preset": "tiny", "mask_ratio": 0.6, "model": {"encoder_layers": 6}})'),
-        ("tokenizer", ("--tokenizer",), str,
-         "labels computed while training: random (the iteration-1 random projection of "
-         "--seed, saved to OUT/tokenizer) or a tokenizer checkpoint (folder, .pt, name); "
-         "not given: random unless --tokens"),
-        ("tokens", ("--tokens",), str,
-         "labels read from a beats tokenize output folder of the same audio instead"),
-        *UNLABELLED,
-        ("mask_ratio", ("--mask-ratio",), non_negative_float,
-         "share of each clip's patches masked; not given: the config's (0.75 in every "
-         "preset)"),
-        ("positions", ("--positions",), str,
-         "where the encoder sees kept patches: true, scattered or compacted; not given: "
-         "the config's (true in every preset)"),
-        ("predictor_layers", ("--predictor-layers",), positive_int,
-         "Transformer layers of the label predictor; not given: the config's (3; tiny 2)"),
-        ("label_smoothing", ("--label-smoothing",), non_negative_float,
-         "of the cross-entropy; not given: the config's (0.1 in every preset)"),
-        *LENGTH,
-        *OPTIMISER,
-        ("eval_every", ("--eval-every",), non_negative_int,
-         "steps between held-out evaluations (0: once per pass over the files)"),
-        *RUN,
-    ]
-    out = []
-    for name, flags, kind, text in options:
-        if name in tiny:
-            text = f"{text}; with --config tiny: {tiny[name]}"
-        out.append((name, flags, kind, text))
-    return out
+def options() -> list[Option]:
+    """The options made from `beats.train.pretrain.PretrainConfig`'s fields."""
+    return build(argparse.ArgumentParser())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,45 +48,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build(p)
 
 
-def build(p: argparse.ArgumentParser) -> None:
-    """Add every ``beats pretrain`` argument to ``p``."""
-    from ..train.pretrain import PretrainConfig
+def build(p: argparse.ArgumentParser) -> list[Option]:
+    """Add every ``beats pretrain`` argument to ``p``; returns the config's options. The
+    shown defaults are PretrainConfig's (the paper's for base), with the tiny preset's
+    where it differs."""
+    from ..train.pretrain import TRAINING_PRESETS, PretrainConfig
 
     add_audio_arguments(p)
     p.add_argument("-o", "--output", type=output_folder, help="output folder (required)")
-    add_config_file(p)
-    add_options(p, _options(), PretrainConfig())
-
-
-def _with_preset_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Parse again with the preset's training settings as defaults (``--config tiny``:
-    fewer steps, smaller batches, float32): options given on the command line win."""
-    from ..train.pretrain import preset_defaults
-
-    defaults = preset_defaults(args.config)
-    if not defaults:
-        return args
-    parser = argparse.ArgumentParser(prog="beats pretrain")
-    build(parser)
-    parser.set_defaults(**defaults)
-    argv = list(getattr(args, "argv", None) or sys.argv[1:])
-    again = parser.parse_args(argv[argv.index("pretrain") + 1:])
-    again.argv = argv
-    return again
+    tiny = {k: f"with --config tiny: {v}" for k, v in TRAINING_PRESETS["tiny"].items()}
+    return add_config_options(p, PretrainConfig, notes=tiny)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.pretrain import PretrainConfig, pretrain
+    from ..train.pretrain import pretrain
 
-    if args.config_file:
-        args = reparse_with_config_file(args, "pretrain", build, lambda record: {
-            "audio": record.get("inputs"), "heldout": record.get("heldout") or None,
-            "output": record.get("output")})
-    else:
-        args = _with_preset_defaults(args)
+    record = read_config_file(args.config_file)
+    args.audio = args.audio or record_audio(record)
+    args.heldout = args.heldout or record.get("heldout") or None
+    args.output = args.output or record.get("output")
     if not args.audio or not args.output:
-        raise ValueError("give AUDIO and -o OUT (or --config-file OUT/config.json)")
-    cfg = config_from_args(PretrainConfig, args)
+        raise InputError("give AUDIO and -o OUT (or --config-file OUT/config.json)")
+    cfg = pretrain_config(args, record)
     # A TrainingError (diverged) is exit 4 in beats.cli, like every command's errors.
     try:
         with warnings_as_lines("pretrain"):
@@ -141,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"beats pretrain: the run in {out} is finished (same settings, audio and "
               f"labels): nothing to do; its model is {out / 'model'}", file=sys.stderr)
         return 0
-    if result.fit.failed:
-        print(f"beats pretrain: {len(result.fit.failed)} file(s) could not be read and were "
-              f"skipped (see {out / 'failed.jsonl'})", file=sys.stderr)
-    if not args.quiet:
+    code = report_failures("pretrain", result.fit, out)
+    if not cfg.quiet:
         if result.heldout:
             h = result.heldout
             print(f"held-out masked accuracy {h['masked_accuracy']:.3f} (most frequent label "
@@ -152,4 +90,13 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"model saved to {out / 'model'} ({result.fit.steps} steps, "
               f"{result.fit.seconds:.0f} s)", file=sys.stderr)
-    return 1 if result.fit.failed else 0
+    return code
+
+
+def pretrain_config(args: argparse.Namespace, record: dict[str, Any]) -> Any:
+    """The run's `PretrainConfig`: its defaults < the preset's training settings (``--config
+    tiny``: fewer steps, smaller batches, float32) < the config file's < the options given."""
+    from ..train.pretrain import PretrainConfig, preset_defaults
+
+    model = getattr(args, "config", None) or record.get("config", {}).get("config") or "base"
+    return config_from_layers(PretrainConfig, args, record, base=preset_defaults(model))

@@ -16,17 +16,13 @@ import torch
 
 from ..errors import InputError
 from ..pooling import PoolingSpec
-from .arguments import (
-    fraction,
-    non_negative_int,
-    output_folder,
-    positive_float,
-    positive_int,
-    warnings_as_lines,
-)
+from .arguments import fraction, non_negative_int, output_folder, positive_int, warnings_as_lines
+from .options import add_options, build_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..probe import TrainConfig
+
     p = sub.add_parser(
         "probe",
         help="train a probe on labelled audio, or apply one with --predict",
@@ -52,12 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="linear: on the time-averaged embedding; attentive: attention "
                         "pooling over the 160 ms steps")
     p.add_argument("--layer", default="last", help="last, or a hidden-state number")
-    p.add_argument("--epochs", type=positive_int, default=200, help="most training epochs")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="clips per step")
-    p.add_argument("--patience", type=positive_int, default=20,
-                   help="epochs without improvement before stopping")
+    add_options(p, TrainConfig, ["epochs", "lr", "weight_decay", "batch_size", "patience"],
+                checked=True)
     p.add_argument("--val-fraction", type=fraction, default=0.15,
                    help="share of each class's files held out for early stopping")
     p.add_argument("--test-fraction", type=fraction, default=0.2,
@@ -67,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cv", action="store_true", help="cross-validate over the CSV folds")
     p.add_argument("--force", action="store_true",
                    help="replace a probe already in OUT (without it, such a folder is refused)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the head")
+    add_options(p, TrainConfig, ["seed"], checked=True)
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("-j", "--workers", type=non_negative_int, default=2,
                    help="audio reading processes")
@@ -144,8 +136,9 @@ def _embeddings(args: argparse.Namespace, paths: list[Path]
                              "another output folder")
         shutil.rmtree(cache)
     options.resume = (cache / "manifest.jsonl").exists()
-    extract(model, input_files(paths), cache, options, model_name=name,
-            progress=not args.quiet)
+    summary = extract(model, input_files(paths), cache, options, model_name=name,
+                      progress=not args.quiet)
+    _notice(summary.notice("probe"))
     return (*load_embeddings(cache, paths), json.loads(run_file.read_text()))
 
 
@@ -155,18 +148,29 @@ def _train(args: argparse.Namespace) -> int:
 
     if len(args.inputs) != 1:
         raise InputError("training takes one DATA folder, CSV or TSV")
+    config = train_config(args)  # bad settings fail before any embedding is computed
     data = read_labelled_set(args.inputs[0])
     out = Path(args.output)
     with folder_lock(out, "beats probe"):
         _claim(out, args.force)
-        return _train_locked(args, data, out)
+        return _train_locked(args, data, out, config)
 
 
-def _train_locked(args: argparse.Namespace, data: Any, out: Path) -> int:
+def train_config(args: argparse.Namespace) -> Any:
+    """The probe's `beats.probe.TrainConfig` from the options; a bad value names its
+    option."""
+    from ..options import options_of
+    from ..probe import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in options_of(TrainConfig)}
+    return build_config(TrainConfig, values)
+
+
+def _train_locked(args: argparse.Namespace, data: Any, out: Path, config: Any) -> int:
     from ..files import atomic_write
     from ..labelled import split_by_file
     from ..manifest import FAILED, ManifestWriter, Record
-    from ..probe import FAILED_FILE, Probe, TrainConfig, collate, fit, metrics, save_probe
+    from ..probe import FAILED_FILE, Probe, collate, fit, metrics, save_probe
 
     arrays, failed, settings = _embeddings(args, data.paths)
     (out / FAILED_FILE).unlink(missing_ok=True)  # a replaced probe's
@@ -181,8 +185,6 @@ def _train_locked(args: argparse.Namespace, data: Any, out: Path) -> int:
     position = {r: j for j, r in enumerate(kept)}
     x, mask = collate([arrays[r] for r in kept])
     y = data.targets()[kept]
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                         batch_size=args.batch_size, patience=args.patience, seed=args.seed)
 
     def one_split(test_fold: str | None) -> tuple[Probe, dict[str, Any]]:
         val_fold = args.val_fold if args.val_fold != test_fold else None
@@ -235,10 +237,16 @@ def _train_locked(args: argparse.Namespace, data: Any, out: Path) -> int:
     return 1 if failed else 0
 
 
+def _notice(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
+
+
 def _predict(args: argparse.Namespace) -> int:
     """Embed the files as the probe's embeddings were made (``beats extract``'s engine:
     long files in windows, in a temporary folder), then apply the probe."""
     from ..extract import ExtractOptions, extract
+    from ..failures import ERRORS_LOG, ErrorLog
     from ..files import discover_inputs
     from ..pooling import parse_layers
     from ..probe import collate, load_embeddings, load_probe
@@ -254,8 +262,14 @@ def _predict(args: argparse.Namespace) -> int:
                              hop=settings.get("hop") if window else None)
     items = discover_inputs(args.inputs)
     with tempfile.TemporaryDirectory(prefix="beats-probe-") as tmp:
-        extract(model, items, tmp, options, model_name=str(name), progress=False)
+        summary = extract(model, items, tmp, options, model_name=str(name), progress=False)
         arrays, failed = load_embeddings(tmp, [item.path.resolve() for item in items])
+        if summary.unexpected:  # keep the tracebacks: the folder goes
+            kept = ErrorLog(None, "probe").path
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / ERRORS_LOG, kept)
+            summary.errors_log = str(kept)
+    _notice(summary.notice("probe"))
     errors = {p: e for p, e in failed}
     for item, array in zip(items, arrays, strict=True):
         path = str(item.path)

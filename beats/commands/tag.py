@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..errors import InputError
 from .arguments import positive_int
 
 DEFAULT_TAGGER = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2"
@@ -28,18 +29,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audio import AudioError, load_audio
+    from ..audio import load_audio
     from ..devices import pick_device
+    from ..failures import ErrorLog, Failure
     from ..files import discover_inputs
     from ..inputs import pad_to_minimum
     from ..model import BEATs
 
     model = BEATs.from_pretrained(args.model, device=pick_device(args.device))
     if model.predictor is None:
-        raise ValueError(f"{args.model} has no class head: tag needs a fine-tuned model "
+        raise InputError(f"{args.model} has no class head: tag needs a fine-tuned model "
                          f"such as {DEFAULT_TAGGER}")
     inputs = discover_inputs(args.inputs)
     failed = 0
+    errors = ErrorLog(None, "tag")  # tag writes no folder: a temporary file, if needed
     for item in inputs:
         try:
             wav = pad_to_minimum(load_audio(item.path)[0])
@@ -47,16 +50,21 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("beats tag: interrupted", file=sys.stderr)
             return 130
-        except (AudioError, ValueError, RuntimeError) as e:
+        except Exception as e:  # one file never stops a run
             failed += 1
+            failure = Failure.of(e, item.path)
+            errors.add(str(item.path), failure)
             if args.json:
-                print(json.dumps({"path": str(item.path), "error": str(e)}))
+                print(json.dumps({"path": str(item.path), "error": failure.text}))
             else:
-                print(f"{item.path}\terror: {e}")
+                print(f"{item.path}\terror: {failure.text}")
             continue
         if args.json:
             print(json.dumps({"path": str(item.path),
                               "labels": [[n, round(p, 6)] for n, p in labels]}))
         else:
             print(f"{item.path}\t" + "\t".join(f"{n} ({p:.3f})" for n, p in labels))
+    notice = errors.notice("tag")
+    if notice:
+        print(notice, file=sys.stderr)
     return 1 if failed else 0

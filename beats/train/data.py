@@ -11,8 +11,10 @@ Everything random about the data is a function of (seed, step, item):
   stream position, item index), inside the Dataset: the same under any number of
   DataLoader workers or processes, and after a resume.
 
-A file that cannot be read gives an item with ``error`` set; `collate_clips` leaves it out
-of the batch (its ``count`` counts readable clips only) and lists it in ``failed``.
+A file that cannot be read gives an item with ``error`` set (``Type: file: message``, and
+``trace``, (its traceback,) for an unexpected error type); `collate_clips` leaves it out of
+the batch (its ``count`` counts readable clips only) and lists it in ``failed`` as a
+`failure_entry`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from torch.utils.data import Dataset
 
 from ..audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..config import BEATsConfig
+from ..errors import InputError
+from ..failures import Failure
 from ..fbank import fbank
 from ..inputs import MIN_SAMPLES, pad_to_minimum
 
 Key = tuple[int, int]  # (stream position, item index)
+# (source, "Type: message") or, for an unexpected error type, (source, text, traceback)
+FailureEntry = tuple[str, ...]
 ItemAugment = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, dict[str, Any]]]
 
 
@@ -67,7 +73,7 @@ def scan(clips: Sequence[Clip]) -> tuple[list[Clip], list[tuple[str, str]]]:
         if not isinstance(clip.source, (str, Path)):
             n = len(clip.source)
             if n == 0:
-                failed.append((clip.name, "an empty array"))
+                failed.append(failure_entry(clip.name, InputError("an empty array")))
                 continue
             good.append(Clip(clip.source, clip.target, n / SAMPLE_RATE))
             continue
@@ -75,11 +81,19 @@ def scan(clips: Sequence[Clip]) -> tuple[list[Clip], list[tuple[str, str]]]:
             info = audio_info(clip.source)
             if info.frames == 0:
                 raise AudioError(f"{clip.source}: the file holds no samples")
-        except (AudioError, OSError, ValueError) as e:
-            failed.append((clip.name, str(e)))
+        except Exception as e:  # one file never stops a run
+            failed.append(failure_entry(clip.name, e))
             continue
         good.append(Clip(clip.source, clip.target, info.duration))
     return good, failed
+
+
+def failure_entry(source: str, error: BaseException) -> FailureEntry:
+    """What `scan` and `collate_clips` list for a file that failed: ``(source, "Type:
+    source: message")``, and the traceback third for an unexpected error type (the loop
+    writes it to ``OUT/errors.log``)."""
+    failure = Failure.of(error, source)
+    return (source, failure.text) + ((failure.trace,) if failure.trace else ())
 
 
 class ClipDataset(Dataset):
@@ -124,8 +138,9 @@ class ClipDataset(Dataset):
                                 "source": clip.name, "error": None, "wav": None}
         try:
             wav, item["offset"] = self._read(clip, rng)
-        except (AudioError, OSError, ValueError, RuntimeError) as e:
-            item["error"] = str(e)
+        except Exception as e:  # one file never stops a run
+            entry = failure_entry(clip.name, e)
+            item["error"], item["trace"] = entry[1], entry[2:]
             return item
         if self.train and self.augment is not None:
             wav, extras = self.augment(wav, rng)
@@ -155,11 +170,11 @@ class ClipDataset(Dataset):
                 samples = samples.detach().cpu().numpy()
             wav = np.asarray(samples, dtype=np.float32)
             if wav.ndim != 1:
-                raise ValueError(f"clip arrays must be 1-D 16 kHz samples, got {wav.shape}")
+                raise InputError(f"clip arrays must be 1-D 16 kHz samples, got {wav.shape}")
             if crop is not None and duration > crop:
                 wav = wav[start : start + round(crop * SAMPLE_RATE)]
         if not np.isfinite(wav).all():
-            raise ValueError(f"{clip.name}: the audio holds NaN or Inf samples")
+            raise AudioError(f"{clip.name}: the audio holds NaN or Inf samples")
         return pad_to_minimum(np.ascontiguousarray(wav, dtype=np.float32)), start
 
 
@@ -170,11 +185,12 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     ``index`` (B,) int64, ``offset`` (B,) int64 (each crop's first sample in its clip),
     any augmentation extras stacked (B, ...), ``count`` (B: clips,
     the loss terms of a classification batch), ``seconds`` (audio seconds in the batch),
-    and ``failed`` [(source, error)] for the items that could not be read.
+    and ``failed``, the `failure_entry` of each item that could not be read.
     """
     good = [it for it in items if it["error"] is None]
     batch: dict[str, Any] = {
-        "failed": [(it["source"], it["error"]) for it in items if it["error"] is not None],
+        "failed": [(it["source"], it["error"], *it.get("trace", ())) for it in items
+                   if it["error"] is not None],
         "count": len(good),
         "targets": [it["target"] for it in good],
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
@@ -185,7 +201,7 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
         wav[i, : len(it["wav"])] = torch.from_numpy(it["wav"])
     batch.update(wav=wav, lengths=lengths, seconds=float(lengths.sum()) / SAMPLE_RATE)
     batch["offset"] = torch.tensor([it["offset"] for it in good], dtype=torch.long)
-    reserved = {"wav", "target", "index", "position", "source", "error", "offset"}
+    reserved = {"wav", "target", "index", "position", "source", "error", "trace", "offset"}
     for name in (good[0].keys() - reserved) if good else ():
         batch[name] = torch.from_numpy(np.stack([it[name] for it in good]))
     return batch
@@ -213,7 +229,7 @@ class StepSampler:
                  micro_batch: int | None = None, seed: int = 0, start: int = 0,
                  total: int = 1, weights: Sequence[float] | None = None) -> None:
         if num_items < 1:
-            raise ValueError("no training items")
+            raise InputError("no training items")
         self.num_items, self.per_step = num_items, per_step
         self.rank, self.world = rank, world
         self.seed, self.start, self.total = seed, start, total

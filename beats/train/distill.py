@@ -43,8 +43,10 @@ from torch import nn
 
 from .. import serialization
 from ..config import BEATsConfig
+from ..errors import InputError, NotFoundError
 from ..hub import ModelKindError
 from ..model import BEATs
+from ..options import option, override
 from ..quantizer import code_perplexity
 from ..tokenizer import BEATsTokenizer
 from . import distributed, loop, state
@@ -80,6 +82,7 @@ __all__ = [
 ]
 
 TOKENIZER_DIR = "tokenizer"
+RECIPE = "codebook and estimator"  # a --help section
 
 
 @dataclass
@@ -88,49 +91,38 @@ class DistillConfig(UnlabelledConfig):
     distillation recipe. Defaults: the paper's optimiser (peak lr 5e-5 with an SSL
     teacher, AdamW (0.9, 0.98), weight decay 0.01, linear decay after 8 % warm-up
     (ESPnet's 32k of 400k), clip 1.0); size the batch with ``batch_seconds`` (the paper:
-    1400 s per step).
+    1400 s per step). ``seed`` also seeds the student's initialisation, k-means and code
+    restarts."""
 
-    Attributes:
-        student: the student's size: ``tiny``, ``base`` or a JSON file (`resolve_student`).
-        target: ``features`` (the teacher's last-layer output), ``logits`` (a fine-tuned
-            teacher's per-position class logits) or ``auto`` (logits when the teacher has
-            a class head).
-        beta: commitment weight (1.0 in the original; ESPnet uses 10).
-        decay: codebook EMA decay.
-        kmeans_iters: k-means iterations of the first-batch initialisation.
-        estimator_layers: Transformer layers of the estimator.
-        restart_after: restart codes unused for this many steps (0: never, the original).
-        usage_window: steps counted by ``codebook_usage_recent``.
-        seed: also seeds the student's initialisation, k-means and code restarts.
-    """
-
-    lr: float = 5e-5
-    schedule: str = "linear"
-    warmup_ratio: float = 0.08
-    student: str = "base"
-    target: str = "auto"
-    beta: float = 1.0
-    decay: float = 0.99
-    kmeans_iters: int = 10
-    estimator_layers: int = 3
-    restart_after: int = 0
-    usage_window: int = 100
-
-    def validate(self) -> None:
-        super().validate()
-
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: {what}")
-
-        need(self.target in TARGETS, "target", f"choose one of {TARGETS}")
-        need(0.0 < self.decay < 1.0, "decay", "must lie in (0, 1)")
-        need(self.beta >= 0, "beta", "must be >= 0")
-        for name in ("kmeans_iters", "estimator_layers", "usage_window"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, name, "must be a positive integer")
-        need(isinstance(self.restart_after, int) and self.restart_after >= 0, "restart_after",
-             "must be an integer >= 0 (0 turns restarts off)")
+    epochs: int = override(UnlabelledConfig, "epochs", help="passes over the audio files")
+    lr: float = override(UnlabelledConfig, "lr", 5e-5)
+    schedule: str = override(UnlabelledConfig, "schedule", "linear")
+    warmup_ratio: float = override(UnlabelledConfig, "warmup_ratio", 0.08)
+    eval_every: int = override(UnlabelledConfig, "eval_every",
+                               help="steps between held-out evaluations (0: each epoch; "
+                               "needs --heldout)")
+    student: str = option(
+        "base", help="the student tokenizer's size: tiny, base (the released tokenizers' "
+        '12 x 768), or a JSON file {"preset": "tiny", BEATsConfig keys to change, e.g. '
+        '"quant_n": 256}', flags=("--config",))
+    target: str = option(
+        "auto", help="what the student learns to predict: auto (logits for a teacher with a "
+        "class head, else features), features (the teacher's last-layer output at every "
+        "patch) or logits (a fine-tuned teacher's class logits at every patch, before "
+        "pooling)", choices=TARGETS)
+    beta: float = option(1.0, help="commitment loss weight (the original 1.0; ESPnet 10)",
+                         ge=0, group=RECIPE)
+    decay: float = option(0.99, help="codebook EMA decay per optimiser step", gt=0, lt=1,
+                          group=RECIPE)
+    kmeans_iters: int = option(10, help="k-means iterations of the codebook initialisation "
+                               "(on the first step's clips)", ge=1, group=RECIPE)
+    estimator_layers: int = option(3, help="Transformer layers of the estimator (dropped "
+                                   "after training)", ge=1, group=RECIPE)
+    restart_after: int = option(0, help="restart codes unused for this many steps from the "
+                                "step's encoder outputs (0: never, as the original)", ge=0,
+                                group=RECIPE)
+    usage_window: int = option(100, help="steps counted by codebook_usage_recent in "
+                               "metrics.jsonl", ge=1, group=RECIPE)
 
 
 class DistillTask(loop.Task):
@@ -159,14 +151,14 @@ class DistillTask(loop.Task):
         cfg = cfg if cfg is not None else DistillConfig()
         self.cfg = cfg
         if getattr(teacher, "is_tokenizer", False):
-            raise ValueError("the teacher is an acoustic tokenizer: distil from an encoder "
+            raise InputError("the teacher is an acoustic tokenizer: distil from an encoder "
                              "(an SSL or a fine-tuned BEATs checkpoint)")
         self.teacher = teacher.freeze()
         self.kind = target_kind(teacher, cfg.target)
         student_cfg = student_cfg if student_cfg is not None else resolve_student(
             cfg.student, teacher.cfg)
         if student_cfg.input_patch_size != teacher.cfg.input_patch_size:
-            raise ValueError(f"the student's patches ({student_cfg.input_patch_size}) must "
+            raise InputError(f"the student's patches ({student_cfg.input_patch_size}) must "
                              f"match the teacher's ({teacher.cfg.input_patch_size}): one "
                              "target per student patch")
         self.student_cfg = student_cfg
@@ -311,7 +303,7 @@ class DistillTask(loop.Task):
         mine = {k: tuple(v.shape) for k, v in self.distiller.state_dict().items()}
         for key in sorted(saved.keys() | mine.keys()):
             if saved.get(key) != mine.get(key):
-                raise ValueError(
+                raise InputError(
                     f"cannot resume in {out_dir}: its model does not fit this teacher and "
                     f"student ({key}: saved {saved.get(key, 'none')}, now "
                     f"{mine.get(key, 'none')}; this teacher's target has {self.target_dim} "
@@ -334,16 +326,16 @@ def load_teacher(teacher: BEATs | str | Path) -> BEATs:
     or a missing model is one clear error."""
     if isinstance(teacher, BEATs):
         if getattr(teacher, "is_tokenizer", False):
-            raise ValueError("the teacher is an acoustic tokenizer: distil from an encoder "
+            raise InputError("the teacher is an acoustic tokenizer: distil from an encoder "
                              "(an SSL or a fine-tuned BEATs checkpoint)")
         return teacher
     try:
         return BEATs.from_pretrained(teacher)
     except ModelKindError:
-        raise ValueError(f"teacher {teacher} is an acoustic tokenizer: distil from an encoder "
+        raise InputError(f"teacher {teacher} is an acoustic tokenizer: distil from an encoder "
                          "(an SSL or a fine-tuned BEATs checkpoint)") from None
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"teacher: {e}") from None
+        raise NotFoundError(f"teacher: {e}") from None
 
 
 def distill(teacher: BEATs | str | Path, audio: Sequence[Any],

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BEATsConfig
+from ..errors import InputError
 from ..fbank import num_frames
 from ..model import PATCHES_PER_STEP, BEATs, patch_padding_mask
 from ..quantizer import VectorQuantizer, code_perplexity, l2norm
@@ -74,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def student_config(preset: str = "base", **overrides: Any) -> BEATsConfig:
     """The student tokenizer's config of a size preset (``tiny``, ``base``), with overrides."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown student preset {preset!r}: use one of {sorted(PRESETS)}")
+        raise InputError(f"unknown student preset {preset!r}: use one of {sorted(PRESETS)}")
     return BEATsConfig(**{**_LAYOUT, **PRESETS[preset], **overrides})
 
 
@@ -93,15 +94,15 @@ def resolve_student(spec: str | BEATsConfig, teacher_cfg: BEATsConfig | None = N
         try:
             data = json.loads(Path(spec).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"student config {spec!r} is neither a preset ({sorted(PRESETS)}) "
+            raise InputError(f"student config {spec!r} is neither a preset ({sorted(PRESETS)}) "
                              f"nor a readable JSON file: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"student config {spec}: must hold a JSON object")
+            raise InputError(f"student config {spec}: must hold a JSON object")
         preset = data.pop("preset", "base")
         known = {f.name for f in dataclasses.fields(BEATsConfig)} - {"extra"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"student config {spec}: unknown keys {unknown} (give 'preset' "
+            raise InputError(f"student config {spec}: unknown keys {unknown} (give 'preset' "
                              "and BEATsConfig keys)")
         overrides = data
     if teacher_cfg is not None:
@@ -110,9 +111,9 @@ def resolve_student(spec: str | BEATsConfig, teacher_cfg: BEATsConfig | None = N
     try:
         cfg = student_config(preset, **overrides)
     except TypeError as e:
-        raise ValueError(f"student config {spec}: {e}") from None
+        raise InputError(f"student config {spec}: {e}") from None
     if cfg.finetuned_model:
-        raise ValueError(f"student config {spec}: a tokenizer has no class head "
+        raise InputError(f"student config {spec}: a tokenizer has no class head "
                          "(finetuned_model must be false)")
     return cfg
 
@@ -122,7 +123,7 @@ def target_kind(teacher: BEATs, target: str = "auto") -> str:
     if target == "auto":
         return "features" if teacher.predictor is None else "logits"
     if target == "logits" and teacher.predictor is None:
-        raise ValueError("target 'logits' needs a fine-tuned teacher (one with a class head); "
+        raise InputError("target 'logits' needs a fine-tuned teacher (one with a class head); "
                          "this teacher has none: use target 'features'")
     return target
 

@@ -45,81 +45,77 @@ from torch.utils.data import DataLoader
 from .. import serialization
 from ..audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..errors import InputError
+from ..failures import expected
 from ..files import atomic_write
 from ..labelled import LabelledSet, read_labelled_set, split_by_file
 from ..metrics import classification_report, score
 from ..model import PATCHES_PER_STEP, BEATs
+from ..options import option, override
 from ..windows import STEP_SAMPLES, STEP_SPAN, plan_windows
 from . import distributed, loop, state
 from .augment import ItemAugmenter, apply_masks, mixup
-from .config import TrainConfig
+from .config import EVALUATION, OPTIMISER, TrainConfig
 from .data import Clip, ClipDataset, balanced_weights, collate_clips, filterbank, scan
 
 REPORT_FILE = "report.json"
 EVAL_WINDOW, EVAL_HOP = 10.0, 8.0  # seconds: longer clips are evaluated in windows
+MODEL, AUGMENTATION = "the model in training", "augmentation"  # --help sections
 # The labelled set of fine-tuning: `beats.labelled.LabelledSet` (this name is kept).
 LabelledClips = LabelledSet
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """`TrainConfig` plus the fine-tuning recipe (defaults: a small dataset on a CPU).
+    """`TrainConfig` plus the fine-tuning recipe (defaults: a small dataset on a CPU)."""
 
-    Attributes:
-        crop_seconds: training reads random crops of this length from longer clips.
-        layer_lr_decay: learning rate of encoder layer L-1-i is lr * decay^(i+1); the
-            patch embedding and positional convolution get decay^(L+1) (1: off).
-        grad_decay: GradMultiply ratio between layers (the released 0.6; 1: off).
-        layerdrop, dropout, attention_dropout, head_dropout: the model's dropouts in
-            training (written into the exported config).
-        freeze_layers: keep the patch embedding and the bottom k layers frozen.
-        mixup, mixup_alpha: probability that a clip is mixed, Beta(alpha, alpha) weight;
-            mixup makes the loss BCE (soft targets), as in the paper.
-        time_mask: each of 2 time masks is up to this share of the frames (0: off).
-        freq_mask: each of 2 frequency masks is up to this many mel bins (0: off).
-        roll: random circular roll of the waveform.
-        balanced: AST's balanced sampling (multi-label data only).
-        val_fraction, test_fraction, val_fold, test_fold: the splits (as `beats probe`).
-        eval_batch: clips per forward pass in evaluation.
-    """
-
-    lr: float = 5e-4
-    epochs: int = 30
-    batch_size: int = 16
-    patience: int = 10
-    crop_seconds: float = 10.0
-    layer_lr_decay: float = 0.75
-    grad_decay: float = 1.0
-    layerdrop: float = 0.0
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    head_dropout: float = 0.1
-    freeze_layers: int = 0
-    mixup: float = 0.0
-    mixup_alpha: float = 0.8
-    time_mask: float = 0.06
-    freq_mask: int = 16
-    roll: bool = False
-    balanced: bool = False
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
-    val_fold: str | None = None
-    test_fold: str | None = None
-    eval_batch: int = 8
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("layer_lr_decay", "grad_decay", "mixup_alpha", "crop_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: must be "
-                                 "positive")
-        for name in ("layerdrop", "dropout", "attention_dropout", "head_dropout", "mixup",
-                     "time_mask", "val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)!r}: must lie "
-                                 "in [0, 1)")
-        if self.freeze_layers < 0 or self.freq_mask < 0 or self.eval_batch < 1:
-            raise ValueError("freeze-layers and freq-mask must be >= 0, eval-batch >= 1")
+    lr: float = override(TrainConfig, "lr", 5e-4)
+    epochs: int = override(TrainConfig, "epochs", 30, help="passes over the training clips")
+    patience: int = override(TrainConfig, "patience", 10)
+    crop_seconds: float = option(
+        10.0, help="training reads random crops of this length from longer clips "
+        "(evaluation: whole clips)", gt=0, flags=("--crop", "--crop-seconds"),
+        metavar="SECONDS")
+    layer_lr_decay: float = option(
+        0.75, help="layer-wise learning-rate decay: encoder layer L-1-i gets lr * "
+        "decay^(i+1), the patch embedding and positional convolution decay^(L+1) (1: off); "
+        "the effective form under Adam", gt=0, group=OPTIMISER)
+    grad_decay: float = option(
+        1.0, help="layer-wise gradient decay (GradMultiply, the released configs' 0.6; 1: "
+        "off). Adam nearly cancels a constant gradient scale: prefer --layer-lr-decay",
+        gt=0, group=OPTIMISER)
+    layerdrop: float = option(0.0, help="probability of skipping each encoder layer", ge=0,
+                              lt=1, group=MODEL)
+    dropout: float = option(0.0, help="encoder dropout", ge=0, lt=1, group=MODEL)
+    attention_dropout: float = option(0.0, help="attention dropout", ge=0, lt=1,
+                                      group=MODEL)
+    head_dropout: float = option(0.1, help="dropout before the class head", ge=0, lt=1,
+                                 group=MODEL)
+    freeze_layers: int = option(0, help="keep the patch embedding and the bottom k layers "
+                                "frozen", ge=0, group=MODEL)
+    mixup: float = option(0.0, help="probability that a clip is mixed with another (0: "
+                          "off); makes the loss BCE (soft targets), as in the paper", ge=0,
+                          lt=1, group=AUGMENTATION)
+    mixup_alpha: float = option(0.8, help="mixup weight ~ Beta(alpha, alpha)", gt=0,
+                                group=AUGMENTATION)
+    time_mask: float = option(0.06, help="SpecAugment: 2 time masks, each up to this share "
+                              "of the frames (0: off)", ge=0, lt=1, group=AUGMENTATION)
+    freq_mask: int = option(16, help="SpecAugment: 2 frequency masks, each up to this many "
+                            "of 128 mel bins (0: off)", ge=0, group=AUGMENTATION)
+    roll: bool = option(False, help="random circular roll of the waveform",
+                        group=AUGMENTATION)
+    balanced: bool = option(False, help="balanced sampling for multi-label data (AST's "
+                            "weights: sum of 1000 / (label count + 0.01) over a clip's "
+                            "labels)", group=AUGMENTATION)
+    val_fraction: float = option(0.15, help="share of each class's files for validation",
+                                 ge=0, lt=1)
+    test_fraction: float = option(0.2, help="share of each class's files held out for "
+                                  "scoring", ge=0, lt=1)
+    val_fold: str | None = option(None, help="CSV fold used for validation (best "
+                                  "checkpoint)", unset="none, --val-fraction splits")
+    test_fold: str | None = option(None, help="CSV fold held out for scoring",
+                                   unset="none, --test-fraction splits")
+    eval_batch: int = option(8, help="clips per forward pass in evaluation", ge=1,
+                             group=EVALUATION)
 
 
 # --------------------------------------------------------------------------- data
@@ -223,7 +219,7 @@ class FinetuneTask(loop.Task):
         m = self.model
         layers = list(m.encoder.layers)
         if k > len(layers):
-            raise ValueError(f"freeze-layers {k}: the model has {len(layers)} layers")
+            raise InputError(f"freeze-layers {k}: the model has {len(layers)} layers")
         frozen = [m.patch_embedding, m.layer_norm, m.encoder.pos_conv, *layers[:k]]
         if m.post_extract_proj is not None:
             frozen.append(m.post_extract_proj)
@@ -323,7 +319,9 @@ class FinetuneTask(loop.Task):
             for i in long:
                 try:
                     logits[i] = self._windowed(clips[i])
-                except (AudioError, OSError, ValueError, RuntimeError):
+                except Exception as e:
+                    if not expected(e):
+                        raise  # a bug, not the file
                     continue  # unreadable now: left out, as in a batch
                 kept[i] = True
         targets = self.targets([c.target for c in clips])
@@ -526,7 +524,7 @@ def _samples(clip: Clip, start: int, stop: int) -> np.ndarray:
     if len(wav) < stop - start:
         wav = np.pad(wav, (0, stop - start - len(wav)))
     if not np.isfinite(wav).all():
-        raise ValueError(f"{clip.name}: the audio holds NaN or Inf samples")
+        raise AudioError(f"{clip.name}: the audio holds NaN or Inf samples")
     return wav
 
 

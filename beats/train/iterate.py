@@ -38,11 +38,14 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..failures import ERRORS_LOG
 from ..files import LOCK_NAME, atomic_write, folder_lock
+from ..options import check, option
 from . import loop
 from .distill import DistillConfig, distill
 from .finetune import FinetuneConfig, finetune
@@ -72,33 +75,34 @@ ProbeFn = Callable[[Path, Path], dict[str, float]]
 
 @dataclass
 class IterateConfig:
-    """What ``beats iterate`` runs.
+    """What ``beats iterate`` runs. The stage settings' ``resume`` (and pre-training's
+    ``tokenizer`` and ``tokens``) are set per stage; `DISTILL_PRESETS` has iterate's
+    distillation settings for each model preset."""
 
-    Attributes:
-        iterations: N >= 1 (iteration 1 is the random tokenizer's).
-        pretrain: the settings of every pre-training stage (its ``tokenizer``,
-            ``tokens`` and ``resume`` are set per stage).
-        distill: the settings of every distillation stage (``resume`` set per stage);
-            `DISTILL_PRESETS` has iterate's for each model preset.
-        finetune: with ``teacher_finetune``, the settings of the fine-tuning stages.
-        teacher_finetune: labelled data (what ``beats finetune`` takes): fine-tune the
-            last SSL model on it and distil from the fine-tuned model (iter3+).
-        probe: labelled data (what ``beats probe`` takes) to probe each iteration's model.
-    """
-
-    iterations: int = 3
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig.for_preset("tiny"))
-    distill: DistillConfig = field(
-        default_factory=lambda: DistillConfig(**DISTILL_PRESETS["tiny"]))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    teacher_finetune: str | None = None
-    probe: str | None = None
+    iterations: int = option(3, help="iterations; 1 is the random tokenizer's", ge=1)
+    pretrain: PretrainConfig = option(
+        help="the settings of every pre-training stage", factory=lambda: PretrainConfig.for_preset(
+            "tiny"), flags=("--pretrain-options",), metavar="JSON", cli=False)
+    distill: DistillConfig = option(
+        help="the settings of every distillation stage", factory=lambda: DistillConfig(
+            **DISTILL_PRESETS["tiny"]), flags=("--distill-options",), metavar="JSON",
+        cli=False)
+    finetune: FinetuneConfig = option(
+        help="the settings of the fine-tuning stages (with --teacher-finetune)",
+        factory=FinetuneConfig, flags=("--finetune-options",), metavar="JSON", cli=False)
+    teacher_finetune: str | None = option(
+        None, help="labelled data as beats finetune takes it: fine-tune each SSL model on "
+        "it and distil the next tokenizer from the fine-tuned model (the iter3+ path)",
+        unset="none; distil from the SSL model", metavar="DATA")
+    probe: str | None = option(
+        None, help="labelled data as beats probe takes it: a linear probe of each "
+        "iteration's model, its test accuracy in the summary", unset="none",
+        metavar="DATA")
 
     def validate(self) -> None:
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations={self.iterations!r}: must be a positive integer")
+        check(self)
         if self.pretrain.tokens is not None or self.pretrain.tokenizer not in (None, "random"):
-            raise ValueError("iterate chooses each pre-training stage's labels itself: "
+            raise InputError("iterate chooses each pre-training stage's labels itself: "
                              "leave the pre-training tokenizer and tokens unset")
         for cfg in (self.pretrain, self.distill, self.finetune):
             cfg.validate()
@@ -174,13 +178,13 @@ def iterate(audio: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     cfg = config or IterateConfig()
     cfg.validate()
     if cfg.probe and probe_fn is None:
-        raise ValueError("config.probe is set but no probe_fn was given")
+        raise InputError("config.probe is set but no probe_fn was given")
     out_dir = Path(out_dir)
     settings = {"audio": [os.fspath(a) for a in audio],
                 "heldout": [os.fspath(a) for a in heldout], **cfg.to_dict()}
     if (not (out_dir / SETTINGS_FILE).exists() and out_dir.exists()
-            and any(p.name != LOCK_NAME for p in out_dir.iterdir())):
-        raise ValueError(f"{out_dir} is not empty and holds no iterate run: use another -o")
+            and any(p.name not in (LOCK_NAME, ERRORS_LOG) for p in out_dir.iterdir())):
+        raise InputError(f"{out_dir} is not empty and holds no iterate run: use another -o")
     out_dir.mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
     with folder_lock(out_dir, "beats iterate"):  # a second run into OUT fails at once
@@ -215,11 +219,11 @@ def _claim(out_dir: Path, settings: dict[str, Any]) -> None:
         try:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} cannot be read ({e}): use another output folder") from None
+            raise InputError(f"{path} cannot be read ({e}): use another output folder") from None
         # More iterations continue a finished run; any other change is another run.
         changed = [k for k in _differences(saved, settings) if k != "iterations"]
         if changed:
-            raise ValueError(f"{out_dir} holds an iterate run with other settings (differing: "
+            raise InputError(f"{out_dir} holds an iterate run with other settings (differing: "
                              f"{', '.join(changed)}): give the same command to continue it, "
                              "or use another -o")
         if saved.get("iterations") != settings["iterations"]:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..failures import ErrorLog, Failure
 from ..files import atomic_write
 from ..manifest import FAILED, ManifestWriter, Record
 from . import distributed
@@ -145,14 +146,18 @@ class Window:
 
 class Failures:
     """Unreadable files met in training: gathered from every process at log steps and
-    recorded once each in ``OUT/failed.jsonl`` (manifest records, status ``failed``)."""
+    recorded once each in ``OUT/failed.jsonl`` (manifest records, status ``failed``); the
+    traceback of an unexpected error type goes to ``OUT/errors.log`` (``unexpected``
+    counts them). Entries are `beats.train.data.failure_entry` tuples."""
 
     def __init__(self, out_dir: Path, d: distributed.Dist) -> None:
         self.path = out_dir / FAILED_FILE
+        self.errors = ErrorLog(out_dir)
         self.d = d
-        self.pending: list[tuple[str, str]] = []
+        self.pending: list[tuple[str, ...]] = []
         self.all: list[tuple[str, str]] = []
         self.seen: set[str] = set()
+        self.unexpected = 0
 
     def add(self, lists: Any) -> None:
         for failed in lists:
@@ -163,14 +168,23 @@ class Failures:
         self.pending = []
         new = []
         for part in gathered:
-            for source, error in part:
+            for source, error, *trace in part:
                 if source not in self.seen:
                     self.seen.add(source)
-                    new.append((source, error))
+                    new.append((source, error, *trace))
         if not new:
             return
-        self.all.extend(new)
+        self.all.extend((source, error) for source, error, *_ in new)
+        self.unexpected += sum(len(entry) > 2 for entry in new)
         if self.d.main:
-            with ManifestWriter(self.path) as writer:
-                for source, error in new:
-                    writer.append(Record(source, Path(source).name, FAILED, error=error))
+            write_failures(self.path, self.errors, new)
+
+
+def write_failures(path: Path, errors: ErrorLog, entries: Any) -> None:
+    """Append failure entries to ``failed.jsonl`` at ``path``, their tracebacks (if any)
+    to ``errors``."""
+    with ManifestWriter(path) as writer:
+        for source, error, *trace in entries:
+            writer.append(Record(source, Path(source).name, FAILED, error=error))
+            if trace:
+                errors.add(source, Failure(error, trace[0]))

@@ -90,8 +90,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..errors import InputError
-from ..files import FolderBusyError, atomic_write, folder_lock, remove_stale_temporaries
-from ..manifest import FAILED, ManifestWriter, Record
+from ..failures import ErrorLog, expected
+from ..files import atomic_write, folder_lock, remove_stale_temporaries
 from ..workers import worker_init
 from . import distributed, logs, state
 from .config import TrainConfig
@@ -119,7 +119,8 @@ class Task:
     train_set: Dataset
     sample_weights: list[float] | None = None
     clip_seconds: float | None = None
-    failed: Sequence[tuple[str, str]] = ()  # files found unreadable before training
+    failed: Sequence[tuple[str, ...]] = ()  # files found unreadable before training
+    # (`beats.train.data.failure_entry`)
     readable: int | None = None  # inputs found readable before training (None: unchecked)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +184,7 @@ class FitResult:
     seconds: float
     stopped_early: bool
     failed: list[tuple[str, str]] = field(default_factory=list)
+    unexpected: int = 0  # failed files whose error was unexpected: see OUT/errors.log
     finished_before: bool = False
 
 
@@ -221,7 +223,8 @@ def _check_resume_config(out_dir: Path, cfg: TrainConfig, identity: dict[str, An
 def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
            stack: contextlib.ExitStack) -> FitResult | None:
     """Lock and check the folder on rank 0 and write config.json; every rank learns of
-    an error (one line) instead of hanging at the next collective. Returns the earlier
+    an error instead of hanging at the next collective (rank 0 raises it as it was, the
+    others a `RunError`, or a ``RuntimeError`` for a bug). Returns the earlier
     `FitResult` of a resumed run that had finished (then nothing is written)."""
     error, finished = None, None
     if d.main:
@@ -239,11 +242,14 @@ def _start(out_dir: Path, cfg: TrainConfig, task: Task, d: distributed.Dist,
                           **task.run_info(), "identity": identity}
                 with atomic_write(out_dir / CONFIG_FILE, "w") as f:
                     json.dump(record, f, indent=2)
-        except (FolderBusyError, RunError, ValueError, OSError) as e:
-            error = str(e)
-    error, finished = distributed.broadcast_object((error, finished), d)
-    if error:
-        raise RunError(error)
+        except Exception as e:
+            error = e
+    said = None if error is None else (expected(error), str(error))
+    said, finished = distributed.broadcast_object((said, finished), d)
+    if error is not None:
+        raise error
+    if said is not None:  # another rank: (expected, message) of rank 0's error
+        raise RunError(said[1]) if said[0] else RuntimeError(f"rank 0 met a bug: {said[1]}")
     if finished is not None:
         finished["failed"] = [tuple(x) for x in finished.get("failed", [])]
         return FitResult(**finished, finished_before=True)
@@ -254,9 +260,7 @@ def _check_readable(out_dir: Path, task: Task) -> None:
     """Stop before training when no input could be read, naming ``failed.jsonl``."""
     if task.readable != 0:
         return
-    with ManifestWriter(out_dir / logs.FAILED_FILE) as writer:
-        for source, error in task.failed:
-            writer.append(Record(source, Path(source).name, FAILED, error=error))
+    logs.write_failures(out_dir / logs.FAILED_FILE, ErrorLog(out_dir), task.failed)
     raise RunError(f"none of the {len(task.failed)} input file(s) could be read (see "
                    f"{out_dir / logs.FAILED_FILE} for why); nothing was trained")
 
@@ -476,7 +480,7 @@ def _fit(task: Task, cfg: TrainConfig, out_dir: Path, d: distributed.Dist) -> Fi
         task.export(out_dir, "last", model_sd)
     distributed.barrier(d)
     return FitResult(step, loop["best_step"], loop["best_score"], loop["seconds"],
-                     loop["stopped_early"], failures.all)
+                     loop["stopped_early"], failures.all, failures.unexpected)
 
 
 def _train_step(task: Task, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,

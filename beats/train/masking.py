@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..fbank import num_frames
 from ..model import PATCHES_PER_STEP, frame_padding_mask
 
@@ -30,7 +31,7 @@ def num_masked(num_valid: int, ratio: float) -> int:
 
 def check_ratio(ratio: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"mask ratio must lie in [0, 1), got {ratio!r}")
+        raise InputError(f"mask ratio must lie in [0, 1), got {ratio!r}")
 
 
 def mask_patches(num_valid: int, ratio: float, generator: torch.Generator) -> torch.Tensor:

@@ -41,8 +41,10 @@ from torch.utils.data import DataLoader
 
 from .. import serialization
 from ..audio import SAMPLE_RATE, audio_info
+from ..errors import InputError
 from ..inputs import MIN_SAMPLES
 from ..model import PATCHES_PER_STEP, BEATs
+from ..options import OptionError, option, override
 from ..tokenizer import BEATsTokenizer
 from . import distributed, loop, state
 from .data import Clip, filterbank
@@ -60,6 +62,8 @@ from .unlabelled import (
     heldout_batches,
     heldout_dataset,
 )
+
+SSL = "masked prediction (override --config's)"  # a --help section
 
 # Training settings of a preset that differ from `PretrainConfig`'s (the paper's, for base).
 # tiny: learns on a 2-core CPU in minutes: 2000 steps of 8 crops of 2 s (9 h of audio) took
@@ -79,42 +83,49 @@ class PretrainConfig(UnlabelledConfig):
     """`UnlabelledConfig` plus pre-training's settings; defaults are the paper's for
     ``base`` (400k steps of 560 clips of 10 s, lr 5e-4, 32k warm-up then linear decay to 0,
     AdamW (0.9, 0.98), weight decay 0.01, clip 1.0, bf16); `for_preset` gives a preset's
-    own (``tiny``: `TRAINING_PRESETS`).
+    own (``tiny``: `TRAINING_PRESETS`). ``mask_ratio``, ``label_smoothing``,
+    ``predictor_layers`` and ``positions`` override the `SSLConfig` keys of ``config``
+    (None: keep them)."""
 
-    Attributes:
-        config: the model: a preset (``tiny``, ``base``, ``large``) or a JSON file of
-            `SSLConfig.from_dict` keys (``{"preset": "tiny", "mask_ratio": 0.6}``).
-        tokenizer: the label source: ``random`` (the iteration-1 random projection of
-            seed ``seed``; saved to ``OUT/tokenizer``) or a tokenizer checkpoint (path,
-            registry name, hub repo). None: ``random`` unless ``tokens`` is given.
-        tokens: a ``beats tokenize`` output folder of the same audio to read labels from.
-        mask_ratio, label_smoothing, predictor_layers, positions: override the
-            `SSLConfig` keys of ``config`` (None: keep them).
-    """
-
-    steps: int | None = 400_000
-    batch_size: int = 560
-    lr: float = 5e-4
-    schedule: str = "linear"
-    warmup_steps: int = 32_000
-    dtype: str = "bfloat16"
-    save_every: int = 1000
-    eval_every: int = 1000
-    config: str = "base"
-    tokenizer: str | None = None
-    tokens: str | None = None
-    mask_ratio: float | None = None
-    label_smoothing: float | None = None
-    predictor_layers: int | None = None
-    positions: str | None = None
+    steps: int | None = override(UnlabelledConfig, "steps", 400_000)
+    batch_size: int = override(UnlabelledConfig, "batch_size", 560)
+    lr: float = override(UnlabelledConfig, "lr", 5e-4)
+    schedule: str = override(UnlabelledConfig, "schedule", "linear")
+    warmup_steps: int = override(UnlabelledConfig, "warmup_steps", 32_000)
+    dtype: str = override(UnlabelledConfig, "dtype", "bfloat16")
+    save_every: int = override(UnlabelledConfig, "save_every", 1000)
+    eval_every: int = override(UnlabelledConfig, "eval_every", 1000,
+                               help="steps between held-out evaluations (0: once per pass "
+                               "over the files)")
+    config: str = option(
+        "base", help="the model: tiny, base or large, or a JSON file of SSL config keys "
+        '({"preset": "tiny", "mask_ratio": 0.6, "model": {"encoder_layers": 6}})')
+    tokenizer: str | None = option(
+        None, help="labels computed while training: random (the iteration-1 random "
+        "projection of --seed, saved to OUT/tokenizer) or a tokenizer checkpoint (folder, "
+        ".pt, registry name, hub repo)", unset="random, unless --tokens is given")
+    tokens: str | None = option(
+        None, help="labels read from a beats tokenize output folder of the same audio "
+        "instead", unset="none")
+    mask_ratio: float | None = option(
+        None, help="share of each clip's patches masked", ge=0, lt=1,
+        unset="the config's (0.75 in every preset)", group=SSL)
+    label_smoothing: float | None = option(
+        None, help="label smoothing of the cross-entropy", ge=0, lt=1,
+        unset="the config's (0.1 in every preset)", group=SSL)
+    predictor_layers: int | None = option(
+        None, help="Transformer layers of the label predictor", ge=1,
+        unset="the config's (3; tiny 2)", group=SSL)
+    positions: str | None = option(
+        None, help="where the encoder sees kept patches", choices=POSITIONS,
+        unset="the config's (true in every preset)", group=SSL)
 
     def validate(self) -> None:
         super().validate()
         if self.tokenizer is not None and self.tokens is not None:
-            raise ValueError("give --tokenizer (labels computed while training) or --tokens "
-                             "(labels read from beats tokenize outputs), not both")
-        if self.positions is not None and self.positions not in POSITIONS:
-            raise ValueError(f"positions={self.positions!r}: choose one of {POSITIONS}")
+            raise OptionError("give {tokenizer} (labels computed while training) or {tokens} "
+                              "(labels read from beats tokenize outputs), not both",
+                              "tokenizer", "tokens")
 
     @classmethod
     def for_preset(cls, config: str = "base", **overrides: Any) -> PretrainConfig:
@@ -130,11 +141,11 @@ class PretrainConfig(UnlabelledConfig):
             try:
                 data = json.loads(Path(self.config).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read the SSL config {self.config}: {e}") from None
+                raise InputError(f"cannot read the SSL config {self.config}: {e}") from None
             if not isinstance(data, dict):
-                raise ValueError(f"{self.config}: an SSL config is a JSON object")
+                raise InputError(f"{self.config}: an SSL config is a JSON object")
         else:
-            raise ValueError(f"--config {self.config!r}: not a preset ({', '.join(PRESETS)}) "
+            raise InputError(f"--config {self.config!r}: not a preset ({', '.join(PRESETS)}) "
                              "nor a JSON file")
         for key in ("mask_ratio", "label_smoothing", "predictor_layers", "positions"):
             if getattr(self, key) is not None:
@@ -201,7 +212,7 @@ class LabelSource:
         records = self.tokens.records
         missing = [c.name for c in files if os.path.abspath(c.name) not in records]
         if missing:
-            raise ValueError(f"--tokens {self.tokens.folder}: {len(missing)} of {len(files)} "
+            raise InputError(f"--tokens {self.tokens.folder}: {len(missing)} of {len(files)} "
                              f"audio files have no tokens there (first: {missing[0]}); run "
                              "beats tokenize on the same files")
         first = files[0].name
@@ -259,7 +270,7 @@ def collate_masked(items: list[dict[str, Any]], tokens: TokenLabels | None = Non
     """Items -> a batch: `collate_clips` plus ``masked`` (B, S) bool and, with ``tokens``,
     ``labels`` (B, S) int64 (-1 at padding); ``count`` = masked valid patches (the loss
     terms). An item whose tokens cannot be read fails like an unreadable file."""
-    from .data import collate_clips
+    from .data import collate_clips, failure_entry
 
     for it in items:
         if it["error"] is None and tokens is not None:
@@ -267,11 +278,12 @@ def collate_masked(items: list[dict[str, Any]], tokens: TokenLabels | None = Non
                 total = file_samples(it["source"])
                 it["labels"] = tokens.crop(it["source"], it["offset"], len(it["wav"]), total)
                 if num_labels is not None and bool((it["labels"] >= num_labels).any()):
-                    raise ValueError(f"{it['source']}: token ids reach "
+                    raise InputError(f"{it['source']}: token ids reach "
                                      f"{int(it['labels'].max())}, beyond the model's "
                                      f"{num_labels} labels")
-            except (ValueError, OSError) as e:
-                it["error"] = str(e)
+            except Exception as e:  # fails like an unreadable file
+                entry = failure_entry(it["source"], e)
+                it["error"], it["trace"] = entry[1], entry[2:]
     good = [it for it in items if it["error"] is None]
     masks = [torch.from_numpy(it.pop("mask")) for it in good]
     labels = [it.pop("labels") for it in good] if tokens is not None else []
@@ -473,7 +485,7 @@ def pretrain(audio: Sequence[str | os.PathLike] | Sequence[Clip], out_dir: str |
     with torch.random.fork_rng(devices=[]):  # initialisation: a function of the seed alone
         torch.manual_seed(cfg.seed)
         model = BEATsForPretraining(ssl)
-    info = {"inputs": _names(audio), "heldout": _names(heldout), "files": len(files),
+    info = {"audio": _names(audio), "heldout": _names(heldout), "files": len(files),
             "heldout_files": len(held), "output": str(out_dir)}
     task = PretrainTask(model, files, cfg, source, held, info)
     per_step, _ = loop.steps_for(cfg, len(files), cfg.crop_seconds)

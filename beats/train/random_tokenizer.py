@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..config import BEATsConfig
+from ..errors import InputError
 from ..quantizer import l2norm
 from ..tokenizer import BEATsTokenizer
 
@@ -62,7 +63,7 @@ def random_tokenizer(seed: int, *, num_labels: int = 1024, embed_dim: int = 512,
             512 and 256].
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise InputError(f"seed must be an int, got {seed!r}")
     cfg = random_tokenizer_config(num_labels, embed_dim, dim)
     with torch.random.fork_rng(devices=[]):  # building draws init weights: keep them private
         tokenizer = BEATsTokenizer(cfg)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BEATsConfig
+from ..errors import InputError
 from ..model import BEATs, check_fbank
+from ..options import OptionError, check, option
 from .blocks import TransformerStack
-from .masking import check_ratio, kept_patches
+from .masking import kept_patches
 
 # The released architecture (docs/design/architecture.md, Checkpoint format) with
 # pre-training's dropouts [ESPnet].
@@ -61,30 +63,29 @@ MASK_VECTORS = ("learned", "zeros")
 
 @dataclass
 class SSLConfig:
-    """What `BEATsForPretraining` is: the encoder's `BEATsConfig` and the SSL settings.
+    """What `BEATsForPretraining` is: the encoder's `BEATsConfig` and the SSL settings
+    (``[paper]``: the BEATs paper's choice, ``[ESPnet]``: ESPnet's re-implementation's)."""
 
-    Attributes:
-        model: the encoder (exported as is; ``finetuned_model`` must be False).
-        num_labels: K, the label source's vocabulary (a tokenizer's ``quant_n``).
-        mask_ratio: fraction of each clip's valid patches masked [paper: 0.75].
-        predictor_layers: Transformer layers of the label predictor [ESPnet: 3].
-        mask_vector: what masked patches enter the predictor as: ``learned`` (one vector,
-            N(0, 0.02) init) [ESPnet] or ``zeros`` [paper].
-        label_smoothing: of the cross-entropy [ESPnet: 0.1; paper: none].
-        positions: what the encoder knows of where kept patches are. ``true``: relative
-            position buckets from their offsets in the full clip, positional convolution
-            over the compacted sequence. ``scattered``: true buckets, and the convolution
-            over the full length with masked patches zero. ``compacted`` [ESPnet]: both
-            over the compacted sequence, as if the kept patches were adjacent.
-    """
-
-    model: BEATsConfig = field(default_factory=lambda: BEATsConfig.from_dict(_BASE))
-    num_labels: int = 1024
-    mask_ratio: float = 0.75
-    predictor_layers: int = 3
-    mask_vector: str = "learned"
-    label_smoothing: float = 0.1
-    positions: str = "true"
+    model: BEATsConfig = option(
+        help="the encoder (exported as is; finetuned_model must be False)",
+        factory=lambda: BEATsConfig.from_dict(_BASE), cli=False)
+    num_labels: int = option(1024, help="K, the label source's vocabulary (a tokenizer's "
+                             "quant_n)", ge=1, cli=False)
+    mask_ratio: float = option(0.75, help="share of each clip's valid patches masked "
+                               "[paper: 0.75]", ge=0, lt=1, cli=False)
+    predictor_layers: int = option(3, help="Transformer layers of the label predictor "
+                                   "[ESPnet: 3]", ge=1, cli=False)
+    mask_vector: str = option(
+        "learned", help="what masked patches enter the predictor as: learned (one vector, "
+        "N(0, 0.02) init) [ESPnet] or zeros [paper]", choices=MASK_VECTORS, cli=False)
+    label_smoothing: float = option(0.1, help="of the cross-entropy [ESPnet: 0.1; paper: "
+                                    "none]", ge=0, lt=1, cli=False)
+    positions: str = option(
+        "true", help="what the encoder knows of where kept patches are. true: relative "
+        "position buckets from their offsets in the full clip, positional convolution over "
+        "the compacted sequence. scattered: true buckets, and the convolution over the full "
+        "length with masked patches zero. compacted [ESPnet]: both over the compacted "
+        "sequence, as if the kept patches were adjacent", choices=POSITIONS, cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -92,32 +93,20 @@ class SSLConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first key with an impossible value."""
+        """Raise `beats.options.OptionError` naming the first key with an impossible
+        value (as ``SSLConfig.key``)."""
         if self.model.finetuned_model:
-            raise ValueError("SSLConfig.model: finetuned_model must be False (no class head)")
-        for key in ("num_labels", "predictor_layers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SSLConfig.{key} must be a positive int, got {value!r}")
+            raise InputError("SSLConfig.model: finetuned_model must be False (no class head)")
         try:
-            check_ratio(self.mask_ratio)
-        except ValueError as e:
-            raise ValueError(f"SSLConfig.mask_ratio: {e}") from None
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
-            raise ValueError(f"SSLConfig.label_smoothing must lie in [0, 1), got {ls!r}")
-        if self.mask_vector not in MASK_VECTORS:
-            raise ValueError(f"SSLConfig.mask_vector={self.mask_vector!r}: choose one of "
-                             f"{MASK_VECTORS}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"SSLConfig.positions={self.positions!r}: choose one of "
-                             f"{POSITIONS}")
+            check(self)
+        except OptionError as e:
+            raise OptionError("SSLConfig." + e.template, *e.names) from None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SSLConfig:
         """A named size (``tiny``, ``base``, ``large``); ``overrides`` as in `from_dict`."""
         if name not in PRESETS:
-            raise ValueError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls.from_dict({"preset": name, **overrides})
 
     @classmethod
@@ -126,20 +115,20 @@ class SSLConfig:
         ``model`` holding the encoder's `BEATsConfig` keys to change. `to_dict`'s output
         (every key) reads back as it was written."""
         if not isinstance(data, dict):
-            raise ValueError(f"an SSL config must be a JSON object, got {type(data).__name__}")
+            raise InputError(f"an SSL config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         name = data.pop("preset", "base")
         if name not in PRESETS:
-            raise ValueError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown SSL preset {name!r}: choose one of {sorted(PRESETS)}")
         model = data.pop("model", {})
         if not isinstance(model, dict):
-            raise ValueError("SSL config key 'model' must be an object of BEATsConfig keys")
+            raise InputError("SSL config key 'model' must be an object of BEATsConfig keys")
         base = PRESETS[name]
         data = {**{k: v for k, v in base.items() if k != "model"}, **data}
         names = {f.name for f in dataclasses.fields(cls)} - {"model"}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown SSL config keys {unknown}; known: {sorted(names)}")
+            raise InputError(f"unknown SSL config keys {unknown}; known: {sorted(names)}")
         return cls(model=BEATsConfig.from_dict({**base["model"], **model}), **data)
 
     @classmethod
@@ -148,7 +137,7 @@ class SSLConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read SSL config {path}: {e}") from None
+            raise InputError(f"cannot read SSL config {path}: {e}") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,11 +232,11 @@ class BEATsForPretraining(nn.Module):
         check_fbank(features, frames)
         x = self.backbone.embed_patches(features)  # (B, S, C): every patch
         if masked.shape != x.shape[:2]:
-            raise ValueError(f"masked has shape {tuple(masked.shape)}, the filterbank gives "
+            raise InputError(f"masked has shape {tuple(masked.shape)}, the filterbank gives "
                              f"{tuple(x.shape[:2])} patches")
         index, kept_padding, padding = kept_patches(masked, frames)
         if index.shape[1] == 0 or bool((index[:, 0] == masked.shape[1]).any()):
-            raise ValueError("every clip needs at least one kept patch (clips of at least "
+            raise InputError("every clip needs at least one kept patch (clips of at least "
                              "0.175 s, mask ratio below 1)")
         length = x.shape[1]
         gathered = x.gather(1, index.clamp(max=length - 1).unsqueeze(-1).expand(
@@ -306,11 +295,11 @@ class BEATsForPretraining(nn.Module):
             metrics["label_counts"] = target.new_zeros(num_labels, dtype=torch.long)
             return SSLOutput(logits, zero, target.sum(), metrics)
         if labels.shape != masked.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
+            raise InputError(f"labels have shape {tuple(labels.shape)}, expected "
                              f"{tuple(masked.shape)} (one per patch)")
         wanted = labels[valid]
         if bool(((wanted < 0) | (wanted >= num_labels)).any()):
-            raise ValueError(f"labels at valid patches must lie in [0, {num_labels}) "
+            raise InputError(f"labels at valid patches must lie in [0, {num_labels}) "
                              "(the label source does not match num_labels, or its padding "
                              "does not match the audio)")
         loss_sum = F.cross_entropy(

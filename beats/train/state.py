@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError, NotFoundError
 from ..files import atomic_path, atomic_write
 
 STATE_DIR = "state"
@@ -79,9 +80,9 @@ def load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no training state at {path}: nothing to resume") from None
+        raise NotFoundError(f"no training state at {path}: nothing to resume") from None
     except Exception as e:  # torn or foreign file
-        raise ValueError(f"{path} cannot be read as a beats training state: {e}") from None
+        raise InputError(f"{path} cannot be read as a beats training state: {e}") from None
 
 
 def save_finished(out_dir: Path, record: dict[str, Any]) -> None:
@@ -99,7 +100,7 @@ def load_finished(out_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise ValueError(f"{path} cannot be read ({e}): delete it to finish the run "
+        raise InputError(f"{path} cannot be read ({e}): delete it to finish the run "
                          "again with --resume") from None
 
 

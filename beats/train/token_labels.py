@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..fbank import num_frames
 from ..manifest import FAILED, Record, latest_by_key, read_manifest
 from ..model import PATCHES_PER_STEP
@@ -37,11 +38,11 @@ class TokenLabels:
         self.folder = Path(folder)
         run = self.folder / "run.json"
         if not run.is_file():
-            raise ValueError(f"{self.folder} is not a `beats tokenize` output folder (no "
+            raise InputError(f"{self.folder} is not a `beats tokenize` output folder (no "
                              "run.json): give the folder that beats tokenize wrote")
         settings = json.loads(run.read_text())
         if settings.get("output") != "tokens":
-            raise ValueError(f"{self.folder} holds embeddings (beats extract), not tokens: "
+            raise InputError(f"{self.folder} holds embeddings (beats extract), not tokens: "
                              "give a folder written by beats tokenize")
         records = latest_by_key(read_manifest(self.folder / "manifest.jsonl"))
         self.records: dict[str, Record] = {
@@ -55,10 +56,10 @@ class TokenLabels:
         """The whole file's tokens (T, 8) int64."""
         record = self.records.get(os.path.abspath(path))
         if record is None:
-            raise ValueError(f"{path}: no tokens for this file in {self.folder} (tokenize it "
+            raise InputError(f"{path}: no tokens for this file in {self.folder} (tokenize it "
                              "with the same paths, or leave it out)")
         if record.status == FAILED or record.output is None:
-            raise ValueError(f"{path}: beats tokenize failed on it ({record.error})")
+            raise InputError(f"{path}: beats tokenize failed on it ({record.error})")
         if "#" in record.output:
             from safetensors import safe_open
 
@@ -68,7 +69,7 @@ class TokenLabels:
         else:
             tokens = np.load(self.folder / record.output)
         if tokens.dtype != np.int64 or tokens.ndim != 2 or tokens.shape[1] != PATCHES_PER_STEP:
-            raise ValueError(f"{path}: its output in {self.folder} is not a (T, 8) int64 token "
+            raise InputError(f"{path}: its output in {self.folder} is not a (T, 8) int64 token "
                              f"array (got {tokens.dtype} {tokens.shape})")
         return tokens
 
@@ -88,12 +89,12 @@ class TokenLabels:
             raise ValueError(f"crop offset {offset} is not a multiple of {STEP_SAMPLES} samples "
                              "(160 ms): crops must start on a time step to reuse tokens")
         if offset + num_samples > total_samples:
-            raise ValueError(f"{path}: crop [{offset}, {offset + num_samples}) runs past the "
+            raise InputError(f"{path}: crop [{offset}, {offset + num_samples}) runs past the "
                              f"end of the file ({total_samples} samples)")
         tokens = self.tokens(path)
         expected = num_steps(total_samples)
         if tokens.shape[0] != expected:
-            raise ValueError(
+            raise InputError(
                 f"{path}: its tokens in {self.folder} cover {tokens.shape[0]} steps but the "
                 f"audio has {expected} ({total_samples / 16000:.2f} s): they were made from "
                 "other audio; run beats tokenize again"

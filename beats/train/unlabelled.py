@@ -25,8 +25,8 @@ What every trainer on unlabelled audio shares, in one place:
   too little audio for one step is a warning).
 - `files_digest(files)`: what identifies the file list of a run for ``--resume``.
 
-The command-line side is `beats.commands.training.UNLABELLED` (``--crop``) and
-`beats.commands.training.add_audio_arguments` (AUDIO..., ``--heldout``).
+The command-line side is `beats.commands.training.add_audio_arguments` (AUDIO...,
+``--heldout``); the options come from the config's fields.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ from typing import Any, overload
 
 import numpy as np
 
-from ..audio import AUDIO_EXTENSIONS
+from ..audio import AUDIO_EXTENSIONS, SAMPLE_RATE
+from ..errors import InputError
 from ..files import printable
+from ..inputs import MIN_SAMPLES
+from ..options import option
 from ..windows import STEP_SAMPLES
-from .config import TrainConfig
+from .config import EVALUATION, TrainConfig
 from .data import Clip, ClipDataset, ItemAugment, scan
 from .masking import num_patches
 
@@ -127,11 +130,11 @@ def find_audio(inputs: Sequence[str | os.PathLike], what: str = "AUDIO") -> Audi
         elif path.exists():
             found.append(str(path))
         else:
-            raise ValueError(f"{what}: {printable(str(path))} does not exist: give audio "
+            raise InputError(f"{what}: {printable(str(path))} does not exist: give audio "
                              "files, folders holding them, or .txt/.lst lists of paths")
     if not found:
         named = ", ".join(printable(os.fsdecode(p)) for p in list(inputs)[:3]) or "nothing"
-        raise ValueError(f"{what}: no audio files found in {named} (looked for files ending "
+        raise InputError(f"{what}: no audio files found in {named} (looked for files ending "
                          f"in {' '.join(AUDIO_EXTENSIONS)}, in any case); give audio files, "
                          "folders holding them, or .txt/.lst lists of paths")
     return AudioFiles(found)
@@ -139,25 +142,15 @@ def find_audio(inputs: Sequence[str | os.PathLike], what: str = "AUDIO") -> Audi
 
 @dataclass
 class UnlabelledConfig(TrainConfig):
-    """`TrainConfig` plus what trainers on unlabelled audio share.
+    """`TrainConfig` plus what trainers on unlabelled audio share: the crop length
+    (``batch_seconds`` counts clips of this length) and the held-out batch."""
 
-    Attributes:
-        crop_seconds: training reads random crops of this length, starting on whole
-            160 ms steps; shorter files are read whole and padded (the padding masked).
-            ``batch_seconds`` counts clips of this length.
-        eval_batch: held-out clips per forward pass in evaluation.
-    """
-
-    crop_seconds: float = 10.0
-    eval_batch: int = 16
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.crop_seconds * 16000 >= 2800:
-            raise ValueError(f"crop-seconds={self.crop_seconds!r}: must be at least 0.175 "
-                             "(one 160 ms step of patches)")
-        if not (isinstance(self.eval_batch, int) and self.eval_batch >= 1):
-            raise ValueError(f"eval-batch={self.eval_batch!r}: must be a positive integer")
+    crop_seconds: float = option(
+        10.0, help="seconds per training crop: random crops of longer files, starting on "
+        "160 ms steps; shorter files are padded and the padding masked",
+        ge=MIN_SAMPLES / SAMPLE_RATE, flags=("--crop-seconds", "--crop"), metavar="SECONDS")
+    eval_batch: int = option(16, help="held-out clips per forward pass", ge=1,
+                             group=EVALUATION)
 
 
 def audio_dataset(files: Sequence[Clip], cfg: UnlabelledConfig,
