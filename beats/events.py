@@ -143,8 +143,10 @@ def class_thresholds(
         if len(values) != len(labels):
             raise InputError(f"give one threshold per class: {len(labels)} classes, "
                              f"{len(values)} thresholds")
-    if not all(math.isfinite(v) for v in values):
-        raise InputError(f"thresholds must be finite numbers, got {values[:5]}")
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise InputError(f"a threshold is a probability and must lie in [0, 1], got {bad[0]} "
+                         "(--threshold)")
     return values
 
 

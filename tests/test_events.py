@@ -110,6 +110,10 @@ def test_thresholds_from_a_mapping_or_a_file(tmp_path):
         class_thresholds({"Dog": 0.5}, labels)
     with pytest.raises(InputError, match="one threshold per class"):
         class_thresholds([0.1, 0.2], labels)
+    for outside in (1.5, -0.1, float("nan")):  # scores are probabilities
+        with pytest.raises(InputError, match=r"must lie in \[0, 1\]"):
+            class_thresholds(outside, labels)
+    assert class_thresholds([0.0, 1.0, 0.5], labels) == [0.0, 1.0, 0.5]
 
 
 def test_event_lines_are_tab_separated():
