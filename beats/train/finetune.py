@@ -52,7 +52,8 @@ from ..failures import expected
 from ..files import atomic_write
 from ..labelled import LabelledSet, read_labelled_set, read_strong_tsv, split_by_file
 from ..metrics import classification_report, score
-from ..model import PATCHES_PER_STEP, BEATs
+from ..model import BEATs
+from ..model_output import PATCHES_PER_STEP
 from ..options import option, override
 from ..windows import STEP_SAMPLES, STEP_SPAN, plan_windows
 from . import distributed, loop, state
