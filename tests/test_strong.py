@@ -220,7 +220,8 @@ def test_weak_clips_add_to_training_and_bad_audio_fails_alone(scapes, tmp_path, 
     out = tmp_path / "out"
     code = main(["finetune", str(table), "--strong", "--weak", str(folder / "weak.csv"),
                  "-o", str(out), "-m", str(_tiny(tmp_path)), "--epochs", "1",
-                 "--batch-size", "8", "--crop", "2", "--workers", "0"])
+                 "--batch-size", "8", "--crop", "2", "--workers", "0", "--mixup", "0.5",
+                 "--roll", "--balanced"])  # every augmentation on strong and weak clips
     err = capsys.readouterr().err
     assert code == 1, err  # done, one file skipped
     failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]

@@ -220,7 +220,8 @@ class FinetuneTask(loop.Task):
         self.val_clips = val
         self.clip_seconds = cfg.crop_seconds
         if cfg.balanced and multilabel:
-            self.sample_weights = balanced_weights([c.target for c in train], len(classes))
+            self.sample_weights = balanced_weights([self.label_indices(c.target) for c in train],
+                                                   len(classes))
         self.frozen = self._freeze(cfg.freeze_layers)
 
     def _freeze(self, k: int) -> list[torch.nn.Module]:
@@ -239,6 +240,10 @@ class FinetuneTask(loop.Task):
         for module in frozen:
             module.requires_grad_(False)
         return frozen
+
+    def label_indices(self, target: Any) -> list[int]:
+        """The class indices of a multi-label clip's target (balanced sampling)."""
+        return list(target)
 
     def run_info(self) -> dict[str, Any]:
         return {"classes": self.classes, "multilabel": self.multilabel, **self.info}

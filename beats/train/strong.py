@@ -117,6 +117,12 @@ class StrongTask(FinetuneTask):
                                      seed=self.cfg.seed, augment=self.train_set.augment,
                                      crop_step=STEP_SAMPLES)
 
+    def label_indices(self, target: Any) -> list[int]:
+        """A clip's classes: those of its events, or its weak labels."""
+        if isinstance(target, StrongTarget):
+            return sorted({self.classes.index(e.label) for e in target.events})
+        return list(target)
+
     def run_info(self) -> dict[str, Any]:
         return {**super().run_info(), "strong": True}
 
