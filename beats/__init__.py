@@ -2,7 +2,8 @@
 
 from .config import BEATsConfig
 from .fbank import fbank
-from .model import BEATs, BEATsOutput, patch_padding_mask
+from .model import BEATs
+from .model_output import BEATsOutput, patch_padding_mask
 from .modules import GradMultiply, quant_noise
 from .registry import available_models
 from .tokenizer import BEATsTokenizer

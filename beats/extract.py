@@ -40,7 +40,8 @@ from .files import (
 )
 from .inputs import MIN_SAMPLES, pad_to_minimum
 from .manifest import FAILED, OK, PADDED, ManifestWriter, Record, latest_by_key, read_manifest
-from .model import PATCHES_PER_STEP, BEATs, BEATsOutput
+from .model import BEATs
+from .model_output import PATCHES_PER_STEP, BEATsOutput
 from .outputs import (
     DISK_ERRORS,
     MANIFEST,

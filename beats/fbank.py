@@ -1,8 +1,9 @@
 """Kaldi-compatible log-mel filterbank in plain torch, batched, on any device.
 
 Matches ``torchaudio.compliance.kaldi.fbank(wav * 32768, num_mel_bins=128,
-sample_frequency=16000, frame_length=25, frame_shift=10)`` (spec section 2) clip by clip,
-but runs a whole padded batch at once. torchaudio is never imported.
+sample_frequency=16000, frame_length=25, frame_shift=10)`` clip by clip
+(docs/design/architecture.md, Filterbank), but runs a whole padded batch at once.
+torchaudio is never imported.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
     The window and mel weights are float32, computed exactly as torchaudio does so that
     the result matches it bit for bit (the window from ``hann_window`` rather than the
-    cosine formula, spec section 2). The DFT matrix holds the real and imaginary parts of
-    the 512-point DFT of a 400-sample frame (the zero padding contributes nothing):
-    columns k and 257 + k are ``cos(2 pi n k / 512)`` and ``-sin(2 pi n k / 512)``. It is
-    float64 (float32 on MPS), the angle reduced modulo 512 in integers first.
+    cosine formula: docs/design/architecture.md, Filterbank). The DFT matrix holds the
+    real and imaginary parts of the 512-point DFT of a 400-sample frame (the zero padding
+    contributes nothing): columns k and 257 + k are ``cos(2 pi n k / 512)`` and
+    ``-sin(2 pi n k / 512)``. It is float64 (float32 on MPS), the angle reduced modulo 512
+    in integers first.
     """
     key = (device.type, device.index)
     if key in _TABLES and not is_tracing():

@@ -20,7 +20,8 @@ import torch
 
 from .errors import InputError
 from .inputs import MIN_SAMPLES
-from .model import PATCHES_PER_STEP, BEATs
+from .model import BEATs
+from .model_output import PATCHES_PER_STEP
 from .pooling import PoolingSpec, pool, step_centres
 from .windows import iter_windowed, num_steps
 

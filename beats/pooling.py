@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .model import PATCHES_PER_STEP, BEATsOutput
+from .model_output import PATCHES_PER_STEP, BEATsOutput
 
 TIME_POOLING = ("none", "mean", "mean+std")
 FREQ_POOLING = ("keep", "mean")

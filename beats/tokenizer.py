@@ -15,7 +15,8 @@ from torch import nn
 from .config import BEATsConfig
 from .errors import InputError
 from .inputs import ArrayLike
-from .model import BEATs, check_fbank
+from .model import BEATs
+from .model_output import check_fbank
 from .quantizer import VectorQuantizer
 
 PAD_TOKEN = -1  # token id at padded positions

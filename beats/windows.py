@@ -35,7 +35,8 @@ import torch
 from .errors import InputError
 from .fbank import SAMPLE_RATE, num_frames
 from .inputs import MIN_SAMPLES, ArrayLike, prepare_batch
-from .model import PATCHES_PER_STEP, BEATs
+from .model import BEATs
+from .model_output import PATCHES_PER_STEP
 from .pooling import step_centres
 
 STEP_SAMPLES = 2560  # one time step: 16 frames of 10 ms

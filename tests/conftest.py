@@ -30,6 +30,10 @@ os.environ["HF_ENDPOINT"] = HUB.url
 os.environ["HF_HOME"] = str(_TMP / "hf-home")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["BEATS_CACHE"] = str(_TMP / "beats-cache")
+# Read those settings now: beats imports huggingface_hub only when it downloads, so the
+# first test to do so would otherwise freeze whatever that test had set (HF_HUB_OFFLINE=1,
+# say) into huggingface_hub's constants for every later test.
+import huggingface_hub.constants  # noqa: E402, F401
 
 from beats import BEATs, BEATsConfig  # noqa: E402
 

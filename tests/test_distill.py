@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from beats import BEATs, BEATsTokenizer
 from beats.audio import load_audio
 from beats.fbank import fbank
-from beats.model import patch_padding_mask
+from beats.model_output import patch_padding_mask
 from beats.train.distill import (
     DistillConfig,
     DistillTask,

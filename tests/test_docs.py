@@ -333,16 +333,10 @@ def test_examples_run(page, example_world, monkeypatch):
 # Words about how the project was made, not about the product: the spec is not shipped.
 _MAKING = re.compile(r"spec section|training spec|spec A\.\d|\bthe spec\b|issue item|"
                      r"this session|was lent|no GPU was", flags=re.I)
-# Files whose remaining citations are swept together with the work now changing them.
-_NOT_YET_SWEPT = {"beats/fbank.py"}
-
-
 def test_no_text_about_how_the_project_was_made():
     files = [*pages(), *sorted((ROOT / "beats").rglob("*.py"))]
     found = []
     for path in files:
-        if _name(path) in _NOT_YET_SWEPT:
-            continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if _MAKING.search(line):
                 found.append(f"{_name(path)}:{number}: {line.strip()}")

@@ -29,8 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Writes OUT/model (a fine-tuned checkpoint with your class names: best "
             "validation step), OUT/model-last, OUT/report.json, OUT/metrics.jsonl, "
             "OUT/config.json, OUT/failed.jsonl (files that could not be read, skipped) and "
-            "OUT/state (for --resume: same settings, model, classes and data only). Several "
-            "processes: torchrun --nproc-per-node N -m beats finetune ..."
+            "OUT/state (for --resume: same settings, model, classes and data only). With "
+            "--strong, DATA is a DCASE strong-label TSV and the model learns when each "
+            "sound is heard (frame-level), for beats detect. Several processes: torchrun "
+            "--nproc-per-node N -m beats finetune ..."
         ),
     )
     build(p)
@@ -40,7 +42,8 @@ def build(p: argparse.ArgumentParser) -> list[Option]:
     """Add every ``beats finetune`` argument to ``p``; returns the config's options."""
     from ..train.finetune import FinetuneConfig
 
-    p.add_argument("data", nargs="?", help="class folder or CSV (optional with --config-file)")
+    p.add_argument("data", nargs="?", help="class folder, CSV or strong-label TSV (optional "
+                   "with --config-file)")
     p.add_argument("-o", "--output", type=output_folder, help="output folder (required)")
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint to start from: registry name, hub repo, folder or .pt "
@@ -78,16 +81,25 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         for split in ("val", "test"):
             if split in report:
-                r = report[split]
-                shown = ", ".join(f"{k} {r[k]:.3f}" for k in ("accuracy", "macro_f1", "mAP")
-                                  if k in r)
-                print(f"{split} ({r['clips']} clips): {shown}", file=sys.stderr)
+                print(f"{split}: {_scores(report[split])}", file=sys.stderr)
         if "cv" in report:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in report["cv"]["mean"].items())
             print(f"cross-validation mean: {shown}", file=sys.stderr)
         print(f"model saved to {out / 'model'} (best step {report['best_step']}"
               f" of {report['steps']}, {report['training_seconds']:.0f} s)", file=sys.stderr)
     return code
+
+
+def _scores(r: dict) -> str:
+    """One split's headline numbers: classification, then detection when timed."""
+    shown = [f"{k} {r[k]:.3f}" for k in ("accuracy", "macro_f1", "mAP") if k in r]
+    for key, name in (("segment_f1", "segment F1"), ("event_f1", "event F1")):
+        if key in r and r[key]["macro_f1"] is not None:
+            shown.append(f"{name} {r[key]['macro_f1']:.3f}")
+    if r.get("psds") is not None:
+        shown.append(f"PSDS {r['psds']:.3f}")
+    count = r.get("clips", r.get("files"))
+    return f"{', '.join(shown)} ({count} files)"
 
 
 def interrupted(command: str, output: str) -> int:

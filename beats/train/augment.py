@@ -31,7 +31,9 @@ class ItemAugmenter:
             (0: none).
 
     The masks are returned as ``time_masks`` and ``freq_masks`` (MASKS, 2) int64 arrays of
-    (start, width); `apply_masks` applies them to the filterbank.
+    (start, width); `apply_masks` applies them to the filterbank. With ``roll``, ``roll``
+    () int64 is the shift in samples (sample i moved to (i + roll) mod N), so that
+    time-stamped labels can move with the audio.
     """
 
     roll: bool = False
@@ -40,13 +42,15 @@ class ItemAugmenter:
 
     def __call__(self, wav: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, dict[str, Any]]:
+        extras: dict[str, Any] = {}
         if self.roll:
-            wav = np.roll(wav, int(rng.integers(0, len(wav))))
+            shift = int(rng.integers(0, len(wav)))
+            wav = np.roll(wav, shift)
+            extras["roll"] = np.array(shift, dtype=np.int64)
         frames = num_frames(len(wav))
-        return wav, {
-            "time_masks": _draw(rng, frames, int(self.time_mask * frames)),
-            "freq_masks": _draw(rng, NUM_MEL_BINS, self.freq_mask),
-        }
+        extras["time_masks"] = _draw(rng, frames, int(self.time_mask * frames))
+        extras["freq_masks"] = _draw(rng, NUM_MEL_BINS, self.freq_mask)
+        return wav, extras
 
 
 def _draw(rng: np.random.Generator, size: int, max_width: int) -> np.ndarray:
@@ -76,24 +80,41 @@ def apply_masks(features: torch.Tensor, time_masks: torch.Tensor | None,
     return features * keep
 
 
+def mixup_draw(batch: int, prob: float, alpha: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of `mixup`, from the torch global RNG: (partner (B,) int64, lam (B,)
+    float32, mixed (B,) bool). A clip that is not mixed has lam 1."""
+    partner = torch.randperm(batch)
+    lam = torch.distributions.Beta(alpha, alpha).sample((batch,))
+    mixed = torch.rand(batch) < prob
+    return partner, torch.where(mixed, lam, torch.ones_like(lam)), mixed
+
+
+def mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lam x + (1 - lam) x[partner]``, lam (B,) broadcast over x's trailing dimensions."""
+    partner = partner.to(x.device)
+    lam = lam.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[partner]
+
+
 def mixup(wav: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, prob: float,
           alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mix each clip, with probability ``prob``, with a random partner of the batch.
 
-    lambda ~ Beta(alpha, alpha) per clip; waveform and targets (B, K) are mixed with the
+    lambda ~ Beta(alpha, alpha) per clip; waveform and targets (B, ...) are mixed with the
     same lambda; the mixed clip is as long as the longer of the two. Uses the torch global
-    RNG. Returns (wav, lengths, targets).
+    RNG (`mixup_draw`). Returns (wav, lengths, targets).
     """
     batch = wav.shape[0]
     if prob <= 0 or batch < 2:
         return wav, lengths, targets
-    partner = torch.randperm(batch)
-    lam = torch.distributions.Beta(alpha, alpha).sample((batch,))
-    mixed = torch.rand(batch) < prob
-    lam = torch.where(mixed, lam, torch.ones_like(lam)).to(wav.device)
-    partner = partner.to(wav.device)
-    wav = lam[:, None] * wav + (1 - lam[:, None]) * wav[partner]
-    targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
-    lengths = torch.where(mixed.to(lengths.device), torch.maximum(lengths, lengths[partner]),
-                          lengths)
-    return wav, lengths, targets
+    partner, lam, mixed = mixup_draw(batch, prob, alpha)
+    return (mix(wav, partner, lam), mixed_lengths(lengths, partner, mixed),
+            mix(targets, partner, lam))
+
+
+def mixed_lengths(lengths: torch.Tensor, partner: torch.Tensor, mixed: torch.Tensor
+                  ) -> torch.Tensor:
+    """(B,) the length of each mixed clip: the longer of the two."""
+    partner, mixed = partner.to(lengths.device), mixed.to(lengths.device)
+    return torch.where(mixed, torch.maximum(lengths, lengths[partner]), lengths)

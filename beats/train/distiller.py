@@ -47,7 +47,8 @@ from torch import nn
 from ..config import BEATsConfig
 from ..errors import InputError
 from ..fbank import num_frames
-from ..model import PATCHES_PER_STEP, BEATs, patch_padding_mask
+from ..model import BEATs
+from ..model_output import PATCHES_PER_STEP, patch_padding_mask
 from ..quantizer import VectorQuantizer, code_perplexity, l2norm
 from ..tokenizer import BEATsTokenizer
 from . import distributed

@@ -14,6 +14,9 @@ validation checkpoint and writes:
   ``OUT/model-last/`` is the model after the last step.
 - ``OUT/report.json``: per split (train, val, test) accuracy, macro F1 and the confusion
   matrix (single-label) or mAP (multi-label), per-class AP; best step; training time.
+  Data with event times (a strong-label TSV) adds segment-based and event-based F1 and
+  PSDS per split (`beats.train.strong.detection_report`), whether the training used the
+  times (``strong``, frame-level: `beats.train.strong`) or only the clips' labels.
 - ``OUT/metrics.jsonl``, ``OUT/config.json``, ``OUT/state/`` (see `beats.train.loop`).
 
 The labelled set is read and split by `beats.labelled`: each file is in exactly one of
@@ -47,9 +50,10 @@ from ..audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..errors import InputError
 from ..failures import expected
 from ..files import atomic_write
-from ..labelled import LabelledSet, read_labelled_set, split_by_file
+from ..labelled import LabelledSet, read_labelled_set, read_strong_tsv, split_by_file
 from ..metrics import classification_report, score
-from ..model import PATCHES_PER_STEP, BEATs
+from ..model import BEATs
+from ..model_output import PATCHES_PER_STEP
 from ..options import option, override
 from ..windows import STEP_SAMPLES, STEP_SPAN, plan_windows
 from . import distributed, loop, state
@@ -116,6 +120,13 @@ class FinetuneConfig(TrainConfig):
                                    unset="none, --test-fraction splits")
     eval_batch: int = option(8, help="clips per forward pass in evaluation", ge=1,
                              group=EVALUATION)
+    strong: bool = option(False, help="train on the events' times (DATA: a strong-label "
+                          "TSV): frame-level BCE at every 0.16 s step, events moving with "
+                          "crops and rolls; the report adds segment and event F1 and PSDS "
+                          "(`beats.train.strong`)")
+    weak: str | None = option(None, help="with --strong, also train on these clips' "
+                              "clip-level labels (a class folder or CSV; training only)",
+                              unset="none", metavar="DATA")
 
 
 # --------------------------------------------------------------------------- data
@@ -209,7 +220,8 @@ class FinetuneTask(loop.Task):
         self.val_clips = val
         self.clip_seconds = cfg.crop_seconds
         if cfg.balanced and multilabel:
-            self.sample_weights = balanced_weights([c.target for c in train], len(classes))
+            self.sample_weights = balanced_weights([self.label_indices(c.target) for c in train],
+                                                   len(classes))
         self.frozen = self._freeze(cfg.freeze_layers)
 
     def _freeze(self, k: int) -> list[torch.nn.Module]:
@@ -228,6 +240,10 @@ class FinetuneTask(loop.Task):
         for module in frozen:
             module.requires_grad_(False)
         return frozen
+
+    def label_indices(self, target: Any) -> list[int]:
+        """The class indices of a multi-label clip's target (balanced sampling)."""
+        return list(target)
 
     def run_info(self) -> dict[str, Any]:
         return {"classes": self.classes, "multilabel": self.multilabel, **self.info}
@@ -424,10 +440,20 @@ def finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
 def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
               cfg: FinetuneConfig, out_dir: Path, cv: bool, model_name: str | None
               ) -> FinetuneResult:
+    from . import strong  # it builds on FinetuneTask
+
     source = None
+    if cfg.weak is not None and not cfg.strong:
+        raise InputError("--weak adds clip-labelled clips to --strong training: give "
+                         "--strong with a strong-label TSV, or put the clips in DATA")
     if not isinstance(data, LabelledSet):
         source = str(data)
-        data = read_labelled_set(data)
+        # one class is a detector (sigmoid); a classifier needs two
+        data = read_strong_tsv(data) if cfg.strong and Path(data).is_file() else \
+            read_labelled_set(data)
+    if cfg.strong and data.events is None:
+        raise InputError("--strong trains on event times: DATA must be a strong-label TSV "
+                         "(tab-separated header filename onset offset event_label)")
     if not isinstance(model, BEATs):
         model_name = model_name or str(model)
         model = BEATs.from_pretrained(model)
@@ -435,9 +461,22 @@ def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
     readable = {id(c.source) for c in clips}
     rows = [r for r in range(len(data)) if id(data.sources[r]) in readable]
     durations = {id(c.source): c.duration for c in clips}
-    check_classes(data, rows)
+    if not cfg.strong:
+        check_classes(data, rows)
+    elif not rows:
+        raise InputError("no file of the strong labels could be read (see failed.jsonl)")
     info = {"data": source, "model": model_name, "output": str(out_dir)}
     identity = {"model": model_identity(model), "data": data.digest()}
+    extra: list[Clip] = []
+    if cfg.weak is not None:
+        weak = strong.read_weak(cfg.weak, data.classes, data)
+        index = {c: i for i, c in enumerate(data.classes)}
+        weak_clips = [Clip(s, tuple(index[c] for c in ls))
+                      for s, ls in zip(weak.sources, weak.labels, strict=True)]
+        extra, weak_failed = scan(weak_clips)
+        failed = failed + weak_failed
+        identity["weak"] = weak.digest()
+        info["weak"] = {"data": cfg.weak, "clips": len(extra)}
     folds_report = None
     if cv:
         folds = sorted({data.folds[r] for r in rows if data.folds[r] is not None})
@@ -449,12 +488,12 @@ def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
             fold_cfg = dataclasses.replace(cfg, test_fold=fold, val_fold=val_fold)
             per_fold[fold] = _run(model, data, rows, durations, failed, fold_cfg,
                                   out_dir / "cv" / f"fold-{fold}", info,
-                                  identity).report["test"]
+                                  identity, extra=extra).report["test"]
         keys = [k for k in ("accuracy", "macro_f1", "mAP") if k in per_fold[folds[0]]]
         folds_report = {"folds": per_fold, "mean": {
             k: float(np.mean([per_fold[f][k] for f in folds])) for k in keys}}
     return _run(model, data, rows, durations, failed, cfg, out_dir, info, identity,
-                folds_report)
+                folds_report, extra)
 
 
 def model_identity(model: BEATs) -> dict[str, Any]:
@@ -465,13 +504,16 @@ def model_identity(model: BEATs) -> dict[str, Any]:
 def _run(backbone: BEATs, data: LabelledSet, rows: list[int], durations: dict[int, float],
          failed: list[tuple[str, str]], cfg: FinetuneConfig, out_dir: Path,
          info: dict[str, Any], identity: dict[str, Any],
-         folds_report: dict[str, Any] | None = None) -> FinetuneResult:
+         folds_report: dict[str, Any] | None = None, extra: Sequence[Clip] = ()
+         ) -> FinetuneResult:
+    from . import strong
+
     train, val, test = split(data, rows, cfg)
     if not data.multilabel:
         check_classes(data, train)
 
     def clips(rs: list[int]) -> list[Clip]:
-        out = clips_of(data, rs)
+        out = strong.strong_clips(data, rs) if cfg.strong else clips_of(data, rs)
         for c in out:
             c.duration = durations[id(c.source)]
         return out
@@ -479,8 +521,9 @@ def _run(backbone: BEATs, data: LabelledSet, rows: list[int], durations: dict[in
     model = prepare_model(backbone, data.classes, data.multilabel, cfg)
     info = {**info, "output": str(out_dir), "clips": len(rows), "failed_files": len(failed),
             "splits": {"train": len(train), "val": len(val), "test": len(test)}}
-    task = FinetuneTask(model, clips(train), clips(val), data.classes, data.multilabel, cfg,
-                        info, identity)
+    kind = strong.StrongTask if cfg.strong else FinetuneTask
+    task = kind(model, clips(train) + list(extra), clips(val), data.classes, data.multilabel,
+                cfg, info, identity)
     task.failed = failed
     fit = loop.fit(task, cfg, out_dir)
     if fit.finished_before:  # its record stands as it was written
@@ -495,11 +538,18 @@ def _run(backbone: BEATs, data: LabelledSet, rows: list[int], durations: dict[in
         "train_clips": len(train), "val_clips": len(val), "test_clips": len(test),
         "failed_files": [{"path": p, "error": e} for p, e in fit.failed],
         "steps": fit.steps, "best_step": fit.best_step, "stopped_early": fit.stopped_early,
-        "training_seconds": round(fit.seconds, 3),
+        "training_seconds": round(fit.seconds, 3), "strong": cfg.strong,
     }
-    for name, split_clips in (("train", clips(train)), ("val", clips(val)), ("test", clips(test))):
-        if split_clips:
-            report[name] = task.report(split_clips)
+    if extra:
+        report["weak_clips"] = len(extra)
+    for name, rs in (("train", train), ("val", val), ("test", test)):
+        if rs:
+            report[name] = task.report(clips(rs))
+            if data.events is not None and not cfg.strong:  # clip-level training, timed data
+                files = [(data.sources[r], durations[id(data.sources[r])], data.events[r])
+                         for r in rs]
+                report[name].update(strong.detection_report(
+                    task.model, files, data.classes, eval_batch=cfg.eval_batch))
     if folds_report is not None:
         report["cv"] = folds_report
     if d.main:

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..fbank import num_frames
-from ..model import PATCHES_PER_STEP, frame_padding_mask
+from ..model_output import PATCHES_PER_STEP, frame_padding_mask
 
 
 def num_patches(num_samples: int) -> int:

@@ -43,7 +43,8 @@ from .. import serialization
 from ..audio import SAMPLE_RATE, audio_info
 from ..errors import InputError
 from ..inputs import MIN_SAMPLES
-from ..model import PATCHES_PER_STEP, BEATs
+from ..model import BEATs
+from ..model_output import PATCHES_PER_STEP
 from ..options import OptionError, option, override
 from ..tokenizer import BEATsTokenizer
 from . import distributed, loop, state

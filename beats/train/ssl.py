@@ -30,7 +30,8 @@ from torch import nn
 
 from ..config import BEATsConfig
 from ..errors import InputError
-from ..model import BEATs, check_fbank
+from ..model import BEATs
+from ..model_output import check_fbank
 from ..options import OptionError, check, option
 from .blocks import TransformerStack
 from .masking import kept_patches

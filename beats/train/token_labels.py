@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..fbank import num_frames
 from ..manifest import FAILED, Record, latest_by_key, read_manifest
-from ..model import PATCHES_PER_STEP
+from ..model_output import PATCHES_PER_STEP
 from ..windows import STEP_SAMPLES
 
 
