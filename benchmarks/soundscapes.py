@@ -5,11 +5,11 @@
 writes, deterministically from the seed (same bytes on every run):
 
 - ``OUT/audio/scape_NNNN.wav``: 16 kHz mono 16-bit clips of ``--seconds`` seconds: pink
-  or brown background noise with 0 to 3 events per 10 s placed at random times;
+  or brown background noise with 0 to 3 events for each 10 s, at random times;
 - ``OUT/annotations.tsv``: the events as a DCASE strong-label table (tab-separated
   ``filename onset offset event_label``, seconds, paths relative to OUT; a file with no
-  event is one row with empty onset, offset and label), what `beats.labelled.
-  read_strong_tsv` and ``beats finetune --strong`` read;
+  event is one row with empty onset, offset and label), as ``beats finetune --strong``
+  and `beats.labelled.read_strong_tsv` read it;
 - ``OUT/weak.csv``: the same files with clip-level labels only, in the multi-label layout
   ``path,beep,buzz,chirp`` (1 when the class sounds somewhere in the file, else 0; a file
   with no event is a row of zeros, which a ``path,label`` table cannot hold);
@@ -25,7 +25,8 @@ The classes need nothing but numpy and tell apart easily, also for a small model
 Each event lasts 0.3 to 2 s (a word: its own length, at most 2 s) and fades in and out
 over 10 ms. Events of one class never overlap in a file; events of different classes may.
 A clip's events share one signal-to-noise ratio (event RMS over background RMS, drawn per
-clip from ``snr_db``), each event within 2 dB of it. Every clip draws from its own
+clip from ``snr_db``, 6 to 20 dB by default), each event within 2 dB of it; the background
+lies between -40 and -26 dBFS. Every clip draws from its own
 generator seeded by (seed, index), so a clip does not depend on how many are made.
 """
 
