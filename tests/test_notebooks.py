@@ -17,7 +17,7 @@ def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb",
                                            "02_frozen_backbone_classifier.ipynb",
                                            "03_finetune.ipynb", "04_pretrain.ipynb",
-                                           "05_tokenizer.ipynb"]
+                                           "05_tokenizer.ipynb", "06_detect.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -60,6 +60,13 @@ print("TOKENS", array.shape[1], array.dtype)
 print("OFFSETS", repr([a.yaxis.get_major_formatter().get_offset() for a in [*health, *axes]]))
 print("LABELLED", [len(a.texts) == a.images[0].get_array().size > 0 for a in axes[1:]])
 """
+# The detection figure: the heatmap holds (classes, steps) scores with one box per detected
+# event and one bar per annotated one, and its three panels share the time axis.
+CHECKS["06_detect.ipynb"] = """
+print("HEATMAP", axes[1].images[0].get_array().shape, "BOXES", len(axes[1].patches) == len(events),
+      "BARS", len(axes[1].lines) == len(reference) > 0,
+      "XLIM", sorted({tuple(round(float(x), 2) for x in a.get_xlim()) for a in axes}))
+"""
 CHECKS["04_pretrain.ipynb"] = """
 print("CURVES", [len(a.lines) for a in axes], "STEPS", [x["step"] for x in val])
 """
@@ -90,6 +97,13 @@ def test_notebook_runs_offline(path, tmp_path, monkeypatch):
         assert "OFFSETS ['', '', '', '', '', '']" in text and "LABELLED [True, True]" in text
     elif "pretrain" in path.name:  # loss; training, held-out and most-frequent accuracy
         assert "CURVES [1, 3] STEPS [20, 40, 60]" in text
+    elif "detect" in path.name:  # 60 s: 374 steps of 3 classes; the metrics of the events
+        assert "HEATMAP (3, 374) BOXES True BARS True XLIM [(0.0, 60.0)]" in text
+        assert "held-out (60 clips): segment F1 " in text
+        assert "labels: ['beep', 'buzz', 'chirp']" in text
+        for metric in ("segment F1", "event F1", "PSDS"):
+            value = float(re.search(rf"^{metric} +(\S+)", text, flags=re.M).group(1))
+            assert 0.0 <= value <= 1.0, metric
     else:
         contrast, size = re.search(r"CONTRAST (\S+) FONTSIZE (\S+)", text).groups()
         assert float(contrast) >= 4.5 and float(size) >= 12
