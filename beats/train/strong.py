@@ -345,6 +345,9 @@ def read_weak(source: str | os.PathLike, classes: Sequence[str], strong: Labelle
     """The ``--weak`` set: a class folder or CSV whose classes are among ``classes`` and
     whose files are not in the strong set (a file in both would leak into evaluation)."""
     path = Path(source)
+    if not path.exists():
+        raise InputError(f"--weak {source} does not exist: give a class folder or a .csv of "
+                         "clip-level labels")
     if path.is_dir():
         weak = read_folder(path)
     elif path.suffix.lower() == ".csv" and path.is_file():
