@@ -204,6 +204,7 @@ class FinetuneTask(loop.Task):
     """Classification fine-tuning as a `beats.train.loop.Task`."""
 
     name = "finetune"
+    crop_step: int | None = None  # crops start anywhere (`ClipDataset`)
 
     def __init__(self, model: BEATs, train: list[Clip], val: list[Clip], classes: list[str],
                  multilabel: bool, cfg: FinetuneConfig, info: dict[str, Any] | None = None,
@@ -216,7 +217,7 @@ class FinetuneTask(loop.Task):
         self._identity = identity or {}
         augment = ItemAugmenter(roll=cfg.roll, time_mask=cfg.time_mask, freq_mask=cfg.freq_mask)
         self.train_set = ClipDataset(train, crop_seconds=cfg.crop_seconds, seed=cfg.seed,
-                                     augment=augment)
+                                     augment=augment, crop_step=self.crop_step)
         self.val_clips = val
         self.clip_seconds = cfg.crop_seconds
         if cfg.balanced and multilabel:
@@ -470,10 +471,7 @@ def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
     extra: list[Clip] = []
     if cfg.weak is not None:
         weak = strong.read_weak(cfg.weak, data.classes, data)
-        index = {c: i for i, c in enumerate(data.classes)}
-        weak_clips = [Clip(s, tuple(index[c] for c in ls))
-                      for s, ls in zip(weak.sources, weak.labels, strict=True)]
-        extra, weak_failed = scan(weak_clips)
+        extra, weak_failed = scan(clips_of(weak, range(len(weak))))
         failed = failed + weak_failed
         identity["weak"] = weak.digest()
         info["weak"] = {"data": cfg.weak, "clips": len(extra)}

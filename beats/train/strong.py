@@ -29,6 +29,7 @@ loss and the evaluation:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -49,9 +50,9 @@ from ..inputs import pad_to_minimum
 from ..labelled import Event, LabelledSet, read_csv, read_folder, read_strong_tsv
 from ..model import BEATs
 from ..sed_metrics import event_f1, psds, segment_f1
-from ..windows import STEP_SAMPLES
+from ..windows import STEP_SAMPLES, num_steps
 from .augment import apply_masks, mix, mixed_lengths, mixup_draw
-from .data import Clip, ClipDataset, collate_clips, filterbank
+from .data import Clip, collate_clips, filterbank
 from .finetune import FinetuneTask
 
 SEGMENT, COLLAR, OFFSET_SHARE = 1.0, 0.2, 0.2  # seconds, seconds, share of the event
@@ -99,28 +100,21 @@ def step_targets(events: Sequence[Event], steps: int, classes: dict[str, int],
     return out
 
 
-def num_steps(samples: int) -> int:
-    """Time steps BEATs gives for a clip of ``samples`` samples at 16 kHz (>= 2800)."""
-    return (1 + (samples - 400) // 160) // 16
-
-
 # --------------------------------------------------------------------------- the task
 class StrongTask(FinetuneTask):
     """Frame-level fine-tuning as a `beats.train.loop.Task` (the module doc)."""
 
     name = "finetune"
+    crop_step = STEP_SAMPLES  # crops start on whole steps: the events' times move with them
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.class_index = {c: i for i, c in enumerate(self.classes)}
-        self.train_set = ClipDataset(self.train_set.clips, crop_seconds=self.cfg.crop_seconds,
-                                     seed=self.cfg.seed, augment=self.train_set.augment,
-                                     crop_step=STEP_SAMPLES)
+    @functools.cached_property
+    def class_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
 
     def label_indices(self, target: Any) -> list[int]:
         """A clip's classes: those of its events, or its weak labels."""
         if isinstance(target, StrongTarget):
-            return sorted({self.classes.index(e.label) for e in target.events})
+            return sorted({self.class_index[e.label] for e in target.events})
         return list(target)
 
     def run_info(self) -> dict[str, Any]:
@@ -186,10 +180,9 @@ class StrongTask(FinetuneTask):
             return None
         r = self.report(self.val_clips)
         macro = r["segment_f1"]["macro_f1"]
-        out = {"score": 0.0 if macro is None else macro, "tiebreak": -r["frame_loss"],
-               "loss": r["frame_loss"], "segment_f1": out_value(macro),
-               "event_f1": out_value(r["event_f1"]["macro_f1"])}
-        return out
+        return {"score": out_value(macro), "tiebreak": -r["frame_loss"],
+                "loss": r["frame_loss"], "segment_f1": out_value(macro),
+                "event_f1": out_value(r["event_f1"]["macro_f1"])}
 
 
 def out_value(x: float | None) -> float:
@@ -201,15 +194,16 @@ def out_value(x: float | None) -> float:
 FileEvents = tuple[Any, float | None, Sequence[Event]]  # (source, seconds, events)
 
 
-def frame_probabilities(model: BEATs, files: Sequence[FileEvents], detect: DetectConfig,
+def frame_probabilities(detector: Detector, files: Sequence[FileEvents],
                         eval_batch: int = 8) -> list[np.ndarray | None]:
     """(steps, classes) float32 frame probabilities of each file (None: unreadable).
 
     Files up to the detection window run in batches of ``eval_batch`` (outputs do not
     depend on the batch); longer ones run alone, in windows, as ``beats detect`` scores
-    them. A file is read whole (memory: its samples, 230 MB per hour).
+    them. A file is read whole (memory: its samples, 230 MB per hour). The columns are
+    the detector's classes: all of the model's (``classes=None``).
     """
-    detector = Detector(model, detect)
+    model, detect = detector.model, detector.config
     out: list[np.ndarray | None] = [None] * len(files)
     waves: dict[int, np.ndarray] = {}
     for i, (source, _, _) in enumerate(files):
@@ -263,8 +257,9 @@ def detection_report(model: BEATs, files: Sequence[FileEvents], classes: Sequenc
     if model.cfg.predictor_class != len(classes):
         raise InputError(f"the model has {model.cfg.predictor_class} classes, the data "
                          f"{len(classes)}: {classes}")
-    probs = frame_probabilities(model, files, detect, eval_batch)
-    post = Detector(model, dataclasses.replace(detect, classes=None)).post
+    detector = Detector(model, dataclasses.replace(detect, classes=None))
+    probs = frame_probabilities(detector, files, eval_batch)
+    post = detector.post
     index = {c: i for i, c in enumerate(classes)}
     reference, estimated, durations, scores = {}, {}, {}, {}
     losses = []
@@ -343,7 +338,9 @@ def strong_clips(data: LabelledSet, rows: Sequence[int]) -> list[Clip]:
 def read_weak(source: str | os.PathLike, classes: Sequence[str], strong: LabelledSet
               ) -> LabelledSet:
     """The ``--weak`` set: a class folder or CSV whose classes are among ``classes`` and
-    whose files are not in the strong set (a file in both would leak into evaluation)."""
+    whose files are not in the strong set (a file in both would leak into evaluation).
+    Returned with ``classes`` as its classes and multi-label, so that
+    `beats.train.finetune.clips_of` gives targets in the strong set's class order."""
     path = Path(source)
     if not path.exists():
         raise InputError(f"--weak {source} does not exist: give a class folder or a .csv of "
@@ -363,4 +360,5 @@ def read_weak(source: str | os.PathLike, classes: Sequence[str], strong: Labelle
     if shared:
         raise InputError(f"--weak {source}: {len(shared)} file(s) also in the strong labels, "
                          f"such as {sorted(shared)[0]}; list each file once")
+    weak.classes, weak.multilabel = list(classes), True  # targets: index tuples, strong's order
     return weak
