@@ -450,8 +450,8 @@ def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
     if not isinstance(data, LabelledSet):
         source = str(data)
         # one class is a detector (sigmoid); a classifier needs two
-        data = read_strong_tsv(data) if cfg.strong and Path(data).is_file() else \
-            read_labelled_set(data)
+        timed = cfg.strong and Path(data).suffix.lower() == ".tsv" and Path(data).is_file()
+        data = read_strong_tsv(data) if timed else read_labelled_set(data)
     if cfg.strong and data.events is None:
         raise InputError("--strong trains on event times: DATA must be a strong-label TSV "
                          "(tab-separated header filename onset offset event_label)")
