@@ -49,6 +49,7 @@ from ..failures import expected
 from ..inputs import pad_to_minimum
 from ..labelled import Event, LabelledSet, read_csv, read_folder, read_strong_tsv
 from ..model import BEATs
+from ..reading import check_samples
 from ..sed_metrics import event_f1, psds, segment_f1
 from ..windows import STEP_SAMPLES, num_steps
 from .augment import apply_masks, mix, mixed_lengths, mixup_draw
@@ -236,8 +237,9 @@ def _samples(source: Any) -> np.ndarray:
         if isinstance(source, torch.Tensor):
             source = source.detach().cpu().numpy()
         wav = np.asarray(source, dtype=np.float32)
-    if not np.isfinite(wav).all():
-        raise AudioError("the audio holds NaN or Inf samples")
+    error, _ = check_samples(wav)  # the checks of beats detect, which the report mirrors
+    if error is not None:
+        raise AudioError(f"the audio {error}")
     return pad_to_minimum(wav)
 
 
