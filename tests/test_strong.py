@@ -20,7 +20,13 @@ from beats.train import FinetuneConfig, finetune
 from beats.train.augment import mix
 from beats.train.data import Clip
 from beats.train.finetune import prepare_model
-from beats.train.strong import StrongTarget, StrongTask, evaluate_detection, step_targets
+from beats.train.strong import (
+    StrongTarget,
+    StrongTask,
+    evaluate_detection,
+    step_targets,
+    still_strong,
+)
 
 from .conftest import tiny_config
 
@@ -129,6 +135,13 @@ def test_mixup_mixes_frame_targets_step_by_step():
     mixed = mix(frames, torch.tensor([1, 0]), torch.tensor([0.75, 1.0]))
     assert mixed[0, :, 0].tolist() == [0.75, 0.25, 1.0]
     assert mixed[1, :, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_mixing_with_a_weak_clip_makes_a_clip_weak_and_unmixed_clips_stay():
+    strong = torch.tensor([True, True, False, True])
+    partner = torch.tensor([2, 2, 0, 0])  # clips 0 and 1 drew the weak clip 2
+    mixed = torch.tensor([True, False, True, True])  # clip 1 was not mixed after all
+    assert still_strong(strong, partner, mixed).tolist() == [False, True, False, True]
 
 
 # --------------------------------------------------------------------------- training

@@ -101,6 +101,14 @@ def step_targets(events: Sequence[Event], steps: int, classes: dict[str, int],
     return out
 
 
+def still_strong(strong: torch.Tensor, partner: torch.Tensor, mixed: torch.Tensor
+                 ) -> torch.Tensor:
+    """(B,) bool: which clips keep frame targets after mixup. A clip mixed with a weak
+    partner becomes weak; a clip left unmixed keeps what it was."""
+    partner, mixed = partner.to(strong.device), mixed.to(strong.device)
+    return strong & (strong[partner] | ~mixed)
+
+
 # --------------------------------------------------------------------------- the task
 class StrongTask(FinetuneTask):
     """Frame-level fine-tuning as a `beats.train.loop.Task` (the module doc)."""
@@ -156,7 +164,7 @@ class StrongTask(FinetuneTask):
             partner, lam, mixed = mixup_draw(wav.shape[0], self.cfg.mixup, self.cfg.mixup_alpha)
             wav, frames, clips = (mix(x, partner, lam) for x in (wav, frames, clips))
             lengths = mixed_lengths(lengths, partner, mixed)
-            strong = strong & strong[partner.to(strong.device)]
+            strong = still_strong(strong, partner, mixed)
         features, num_frames = filterbank(wav, lengths, self.model.cfg)
         features = apply_masks(features, batch.get("time_masks"), batch.get("freq_masks"))
         out = self.model.forward_fbank(features, num_frames)
