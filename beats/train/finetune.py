@@ -447,14 +447,18 @@ def _finetune(model: BEATs | str | Path, data: LabelledSet | str | Path,
     if cfg.weak is not None and not cfg.strong:
         raise InputError("--weak adds clip-labelled clips to --strong training: give "
                          "--strong with a strong-label TSV, or put the clips in DATA")
+    needs_times = ("--strong trains on event times: DATA must be a strong-label TSV "
+                   "(tab-separated header filename onset offset event_label)")
     if not isinstance(data, LabelledSet):
         source = str(data)
-        # one class is a detector (sigmoid); a classifier needs two
-        timed = cfg.strong and Path(data).suffix.lower() == ".tsv" and Path(data).is_file()
-        data = read_strong_tsv(data) if timed else read_labelled_set(data)
+        if not cfg.strong:
+            data = read_labelled_set(data)
+        elif Path(data).suffix.lower() != ".tsv":
+            raise InputError(needs_times)
+        else:  # one class is a detector (sigmoid), where a classifier needs two
+            data = read_strong_tsv(data)
     if cfg.strong and data.events is None:
-        raise InputError("--strong trains on event times: DATA must be a strong-label TSV "
-                         "(tab-separated header filename onset offset event_label)")
+        raise InputError(needs_times)
     if not isinstance(model, BEATs):
         model_name = model_name or str(model)
         model = BEATs.from_pretrained(model)
